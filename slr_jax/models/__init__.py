@@ -1,0 +1,12 @@
+"""SLRNet in Flax linen: backbone, heads, low-rank module and the full model (NHWC)."""
+
+from slr_jax.models.slrnet import (
+    MODES,
+    VARIANTS,
+    SLRNet,
+    build_model,
+    init_variables,
+    variable_shapes,
+)
+
+__all__ = ["MODES", "VARIANTS", "SLRNet", "build_model", "init_variables", "variable_shapes"]

@@ -1,0 +1,187 @@
+"""WideResNet38 ("resnet38d"), the SLRNet backbone, in Flax linen (NHWC).
+
+Output stride 8. Pre-activation residual blocks (BatchNorm -> ReLU -> conv). Every BatchNorm
+of the backbone always normalises with its running statistics, in training too, and its
+affine parameters are frozen (see ``slr_jax.optim``); the blocks ``conv1a``, ``b2``, ``b2_1``
+and ``b2_2`` are frozen entirely. ``b6``/``b7`` apply channel dropout (PyTorch ``Dropout2d``)
+in training, from the ``'dropout'`` RNG stream.
+
+Module names equal the reference's PyTorch attribute names, so converted state-dict keys map
+one to one (``docs/design.md``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+BN_EPS = 1e-5
+
+# (name, block kind, in, mid, out, stride, first_dilation, dilation, dropout); channels at width 1.
+RESNET38_BLOCKS = (
+    ("b2", "basic", 64, 128, 128, 2, 1, 1, 0.0),
+    ("b2_1", "basic", 128, 128, 128, 1, 1, 1, 0.0),
+    ("b2_2", "basic", 128, 128, 128, 1, 1, 1, 0.0),
+    ("b3", "basic", 128, 256, 256, 2, 1, 1, 0.0),
+    ("b3_1", "basic", 256, 256, 256, 1, 1, 1, 0.0),
+    ("b3_2", "basic", 256, 256, 256, 1, 1, 1, 0.0),
+    ("b4", "basic", 256, 512, 512, 2, 1, 1, 0.0),
+    ("b4_1", "basic", 512, 512, 512, 1, 1, 1, 0.0),
+    ("b4_2", "basic", 512, 512, 512, 1, 1, 1, 0.0),
+    ("b4_3", "basic", 512, 512, 512, 1, 1, 1, 0.0),
+    ("b4_4", "basic", 512, 512, 512, 1, 1, 1, 0.0),
+    ("b4_5", "basic", 512, 512, 512, 1, 1, 1, 0.0),
+    ("b5", "basic", 512, 512, 1024, 1, 1, 2, 0.0),
+    ("b5_1", "basic", 1024, 512, 1024, 1, 2, 2, 0.0),
+    ("b5_2", "basic", 1024, 512, 1024, 1, 2, 2, 0.0),
+    ("b6", "bottleneck", 1024, None, 2048, 1, 4, 4, 0.3),
+    ("b7", "bottleneck", 2048, None, 4096, 1, 4, 4, 0.5),
+)
+FROZEN_BLOCKS = ("conv1a", "b2", "b2_1", "b2_2")
+CONV3_BLOCK = "b3_2"
+
+
+def scale_channels(channels: int, width: float) -> int:
+    """Channel count at a width multiplier (1.0 is the reference architecture)."""
+    return max(1, int(round(channels * width)))
+
+
+def conv(
+    features: int,
+    kernel: int,
+    *,
+    stride: int = 1,
+    dilation: int = 1,
+    use_bias: bool = False,
+    dtype: Any = jnp.float32,
+    name: str | None = None,
+) -> nn.Conv:
+    """A PyTorch-style conv: symmetric zero padding ``dilation * (kernel // 2)``."""
+    pad = dilation * (kernel // 2)
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        kernel_dilation=(dilation, dilation),
+        use_bias=use_bias,
+        dtype=dtype,
+        kernel_init=nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
+        name=name,
+    )
+
+
+def frozen_batch_norm(dtype: Any, name: str) -> nn.BatchNorm:
+    """BatchNorm that always uses running statistics (PyTorch ``FixedBatchNorm2d``)."""
+    return nn.BatchNorm(use_running_average=True, epsilon=BN_EPS, dtype=dtype, name=name)
+
+
+class ResBlock(nn.Module):
+    """Pre-activation basic block: bn_branch2a -> relu -> conv3x3 -> bn -> relu -> conv3x3.
+
+    ``x`` (B, H, W, Cin) -> (B, H/stride, W/stride, Cout).
+    """
+
+    mid_channels: int
+    out_channels: int
+    stride: int = 1
+    first_dilation: int = 1
+    dilation: int = 1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+        """Returns ``(output, relu(bn_branch2a(x)))``."""
+        same_shape = x.shape[-1] == self.out_channels and self.stride == 1
+        pre = nn.relu(frozen_batch_norm(self.dtype, "bn_branch2a")(x))
+        if same_shape:
+            shortcut = x
+        else:
+            shortcut = conv(
+                self.out_channels, 1, stride=self.stride, dtype=self.dtype, name="conv_branch1"
+            )(pre)
+        y = conv(
+            self.mid_channels,
+            3,
+            stride=self.stride,
+            dilation=self.first_dilation,
+            dtype=self.dtype,
+            name="conv_branch2a",
+        )(pre)
+        y = nn.relu(frozen_batch_norm(self.dtype, "bn_branch2b1")(y))
+        y = conv(
+            self.out_channels, 3, dilation=self.dilation, dtype=self.dtype, name="conv_branch2b1"
+        )(y)
+        return shortcut + y, pre
+
+
+class BottleneckBlock(nn.Module):
+    """Pre-activation bottleneck (1x1 -> dilated 3x3 -> 1x1) with channel dropout.
+
+    ``x`` (B, H, W, Cin) -> (B, H, W, Cout); mid widths Cout/4 and Cout/2.
+    """
+
+    out_channels: int
+    dilation: int = 1
+    dropout: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+        """Returns ``(output, relu(bn_branch2a(x)))``."""
+        # Dropout2d zeroes whole channels: one draw per (example, channel).
+        channel_dropout = nn.Dropout(self.dropout, broadcast_dims=(1, 2), deterministic=not train)
+        pre = nn.relu(frozen_batch_norm(self.dtype, "bn_branch2a")(x))
+        shortcut = conv(self.out_channels, 1, dtype=self.dtype, name="conv_branch1")(pre)
+        y = conv(max(1, self.out_channels // 4), 1, dtype=self.dtype, name="conv_branch2a")(pre)
+        y = nn.relu(frozen_batch_norm(self.dtype, "bn_branch2b1")(y))
+        y = channel_dropout(y)
+        y = conv(
+            max(1, self.out_channels // 2),
+            3,
+            dilation=self.dilation,
+            dtype=self.dtype,
+            name="conv_branch2b1",
+        )(y)
+        y = nn.relu(frozen_batch_norm(self.dtype, "bn_branch2b2")(y))
+        y = channel_dropout(y)
+        y = conv(self.out_channels, 1, dtype=self.dtype, name="conv_branch2b2")(y)
+        return shortcut + y, pre
+
+
+class WideResNet38(nn.Module):
+    """The backbone. ``images`` (B, H, W, 3) normalised -> dict of features:
+
+    ``conv3`` (B, ceil(H/4), ceil(W/4), 256*width) and ``conv6`` (B, ceil(H/8), ceil(W/8),
+    4096*width).
+    """
+
+    width: float = 1.0
+    dtype: Any = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+        ch = lambda c: scale_channels(c, self.width)
+        basic: Callable[..., nn.Module] = ResBlock
+        bottleneck: Callable[..., nn.Module] = BottleneckBlock
+        if self.remat:
+            # Argument 0 is the module itself, 1 the input, 2 the static ``train`` flag.
+            basic = nn.remat(ResBlock, static_argnums=(2,))
+            bottleneck = nn.remat(BottleneckBlock, static_argnums=(2,))
+        x = conv(ch(64), 3, dtype=self.dtype, name="conv1a")(images.astype(self.dtype))
+        features = {}
+        for name, kind, _, mid, out, stride, first_dil, dil, drop in RESNET38_BLOCKS:
+            if kind == "basic":
+                block = basic(ch(mid), ch(out), stride, first_dil, dil, dtype=self.dtype, name=name)
+            else:
+                block = bottleneck(ch(out), dil, drop, dtype=self.dtype, name=name)
+            x, _ = block(x, train)
+            if name == CONV3_BLOCK:
+                features["conv3"] = x
+        features["conv6"] = nn.relu(frozen_batch_norm(self.dtype, "bn7")(x))
+        return features

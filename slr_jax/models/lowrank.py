@@ -1,0 +1,79 @@
+"""The cross-view low-rank module: dictionary initialisation and unrolled factorisation.
+
+Features of one or more views are flattened to pixels, concatenated along the pixel axis and
+factorised together against a dictionary of K atoms (one per class, background included):
+
+    X' = transform1(X)                                  (B, N, D)
+    D  = l2norm(transform1(D0))                         (B, K, D)
+    repeat num_iters times:
+        codes = softmax_K(D X'^T / temperature)         (B, K, N)
+        attn  = normalise_N(codes + eps)
+        D     = l2norm(attn X')
+    out = relu(X + transform2(relu(codes^T D)))         (B, N, D)
+
+The codes returned are those of the last iteration (computed before its dictionary update);
+the reconstruction uses the updated dictionary. ``num_iters`` is static, so the loop is
+unrolled under ``jit`` and gradients flow through every iteration as in the reference.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+L2_EPS = 1e-6
+ATTN_EPS = 1e-6
+DICT_INIT_EPS = 1e-6
+
+
+def l2_normalize(x: jax.Array, axis: int = -1, eps: float = L2_EPS) -> jax.Array:
+    """``x / (eps + ||x||)`` along ``axis`` (eps added to the norm, as in the reference)."""
+    return x / (eps + jnp.linalg.norm(x, axis=axis, keepdims=True))
+
+
+def initial_dictionary(features: jax.Array, class_logits: jax.Array) -> jax.Array:
+    """Class-prototype dictionary (B, K, D) from features (B, h, w, D) and logits (B, h, w, K).
+
+    Each atom is the feature average weighted by that class's softmax probability
+    (normalised over pixels, ``+1e-6``). No gradient flows into it: the reference detaches.
+    """
+    b, h, w, d = features.shape
+    k = class_logits.shape[-1]
+    probs = jax.nn.softmax(jax.lax.stop_gradient(class_logits).reshape(b, h * w, k), axis=-1)
+    probs = probs / (jnp.sum(probs, axis=1, keepdims=True) + DICT_INIT_EPS)
+    atoms = jnp.einsum("bnk,bnd->bkd", probs, features.reshape(b, h * w, d))
+    return jax.lax.stop_gradient(atoms)
+
+
+class FactorizationReconstruction(nn.Module):
+    """``x`` (B, N, D) and initial dictionary (B, K, D) -> (reconstruction (B, N, D),
+    codes (B, K, N), dictionary (B, K, D))."""
+
+    num_iters: int = 1
+    temperature: float = 1.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, dictionary_init: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        if self.num_iters < 1:
+            raise ValueError(f"num_iters must be >= 1, got {self.num_iters}")
+        d = x.shape[-1]
+        transform1 = nn.Dense(d, dtype=self.dtype, name="transform1")
+        transform2 = nn.Dense(d, dtype=self.dtype, name="transform2")
+        projected = transform1(x)
+        dictionary = l2_normalize(transform1(dictionary_init))
+        codes = None
+        for _ in range(self.num_iters):
+            dots = jnp.einsum("bkd,bnd->bkn", dictionary, projected) * (1.0 / self.temperature)
+            codes = jax.nn.softmax(dots, axis=1)
+            attn = codes + ATTN_EPS
+            attn = attn / jnp.sum(attn, axis=-1, keepdims=True)
+            dictionary = l2_normalize(jnp.einsum("bkn,bnd->bkd", attn, projected))
+        recon = nn.relu(jnp.einsum("bkn,bkd->bnd", codes, dictionary))
+        out = nn.relu(x + transform2(recon))
+        return out, codes, dictionary

@@ -1,0 +1,235 @@
+"""SLRNet: WideResNet38 + ASPP/GCI decoder + cross-view low-rank module + two heads (NHWC).
+
+One module covers the reference's variants (``variant``):
+
+- ``wsss`` (``models/slrnet.py``) and ``coco`` (``models/slrnet_coco_pseudo.py``, same network,
+  different losses): the main head predicts C-1 foreground logits and a constant background
+  logit 1 is prepended; the aux head's background logit is ``1 - max(foreground)``.
+- ``semi`` (``models/slrnet_semi.py``): the same network as ``wsss``.
+- ``semi_wo_cls`` (``models/slrnet_semi_wo_cls.py``): both heads predict all C logits
+  (background included) and there are no class scores (``cls*`` are ones).
+
+Call ``model.apply(variables, images, mode=..., train=..., rngs={'dropout': key},
+mutable=['batch_stats'] if train else False)``; ``images`` (B, H, W, 3) ImageNet-normalised.
+``train=False`` is PyTorch ``eval()``: no dropout, deterministic gate, running statistics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from slr_jax.models.backbone import WideResNet38, scale_channels
+from slr_jax.models.heads import (
+    ASPP,
+    GCI,
+    AuxHead,
+    ConvBNReLU,
+    LastConv,
+    mask_pooled_scores,
+    stochastic_gate,
+    with_background,
+)
+from slr_jax.models.lowrank import FactorizationReconstruction, initial_dictionary
+from slr_jax.ops import resize_bilinear_align_corners, scaled_size
+
+VARIANTS = ("wsss", "semi", "semi_wo_cls", "coco")
+MODES = ("test", "test_two_view", "train")
+
+
+def _flatten_pixels(x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    return x.reshape(b, h * w, c)
+
+
+class SLRNet(nn.Module):
+    """The full network. See the module docstring for the call convention.
+
+    Attributes:
+      variant: one of ``VARIANTS``.
+      num_classes: C, classes including background (21 for VOC, 81 for COCO).
+      width: channel multiplier of backbone and heads (1.0 = reference architecture).
+      num_iters: factorisation iterations of the low-rank module.
+      temperature: softmax temperature of the codes.
+      scale_factor: size factor of the second view (``int(H*f) x int(W*f)``).
+      dtype: computation dtype (parameters stay float32).
+      remat: rematerialise backbone blocks in the backward pass (saves activation memory).
+    """
+
+    variant: str = "wsss"
+    num_classes: int = 21
+    width: float = 1.0
+    num_iters: int = 1
+    temperature: float = 1.0
+    scale_factor: float = 0.5
+    dtype: Any = jnp.float32
+    remat: bool = False
+
+    def setup(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown model variant {self.variant!r}; expected one of {VARIANTS}")
+        if self.num_classes < 2:
+            raise ValueError(
+                f"num_classes counts background and must be >= 2, got {self.num_classes}"
+            )
+        ch = lambda c: scale_channels(c, self.width)
+        head_out = self.num_classes if self.predicts_background else self.num_classes - 1
+        self.backbone = WideResNet38(self.width, self.dtype, self.remat)
+        self.aspp = ASPP(self.width, self.dtype)
+        self.fc8_skip = ConvBNReLU(ch(48), dtype=self.dtype)
+        self.fc8_x = ConvBNReLU(ch(256), kernel=3, dtype=self.dtype)
+        self.shallow_mask = GCI(self.width, self.dtype)
+        self.last_conv = LastConv(head_out, self.width, self.dtype)
+        self.aux_head = AuxHead(head_out, self.width, self.dtype)
+        self.factorization_reconstruction = FactorizationReconstruction(
+            self.num_iters, self.temperature, self.dtype
+        )
+
+    @property
+    def predicts_background(self) -> bool:
+        """Whether the heads output the background logit themselves (``semi_wo_cls``)."""
+        return self.variant == "semi_wo_cls"
+
+    # ----------------------------------------------------------------------------- pieces
+    def decoder_features(self, images: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
+        """(B, H, W, 3) -> (decoder features (B, h, w, 256w), conv3 (B, h, w, 256w)), h = H/4."""
+        feats = self.backbone(images, train)
+        conv3 = feats["conv3"]
+        deep = self.aspp(feats["conv6"], train)
+        skip = self.fc8_skip(conv3, train)
+        deep = resize_bilinear_align_corners(deep, skip.shape[1:3])
+        return self.fc8_x(jnp.concatenate([deep, skip], axis=-1), train), conv3
+
+    def aux_forward(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
+        """Aux head: (B, h, w, 256w) -> (logits, softmax masks), both (B, h, w, C)."""
+        logits = self.aux_head(x, train)
+        logits = with_background(logits, "none" if self.predicts_background else "one_minus_max")
+        logits = logits.astype(jnp.float32)
+        return logits, jax.nn.softmax(logits, axis=-1)
+
+    def segmentation_forward(
+        self, x: jax.Array, shallow: jax.Array, train: bool
+    ) -> tuple[jax.Array, jax.Array]:
+        """GCI + stochastic gate + main head -> (logits, softmax masks), both (B, h, w, C)."""
+        injected = self.shallow_mask(shallow, x, train)
+        rng = self.make_rng("dropout") if train else None
+        x = stochastic_gate(x, injected, train=train, rng=rng)
+        logits = self.last_conv(x, train)
+        logits = with_background(logits, "none" if self.predicts_background else "constant")
+        logits = logits.astype(jnp.float32)
+        return logits, jax.nn.softmax(logits, axis=-1)
+
+    def class_scores(self, logits: jax.Array, masks: jax.Array) -> jax.Array:
+        """(B, h, w, C) logits and masks -> (B, C-1) scores (ones for ``semi_wo_cls``)."""
+        if self.predicts_background:
+            return jnp.ones((logits.shape[0], self.num_classes - 1), jnp.float32)
+        return mask_pooled_scores(logits, masks)
+
+    def low_rank(
+        self, views: list[jax.Array], dictionary_init: jax.Array
+    ) -> tuple[list[jax.Array], list[jax.Array], jax.Array]:
+        """Factorises the views (each (B, h_i, w_i, D)) jointly.
+
+        Returns (reconstructed views, codes per view (B, h_i, w_i, K), dictionary (B, K, D)).
+        """
+        flat = jnp.concatenate([_flatten_pixels(v) for v in views], axis=1)
+        out, codes, dictionary = self.factorization_reconstruction(flat, dictionary_init)
+        recon, codes_per_view, start = [], [], 0
+        for v in views:
+            b, h, w, d = v.shape
+            recon.append(out[:, start : start + h * w].reshape(b, h, w, d))
+            view_codes = jnp.swapaxes(codes[:, :, start : start + h * w], 1, 2)
+            codes_per_view.append(view_codes.reshape(b, h, w, -1))
+            start += h * w
+        return recon, codes_per_view, dictionary
+
+    # ---------------------------------------------------------------------------- forward
+    def __call__(self, images: jax.Array, mode: str = "test", train: bool = False) -> dict:
+        if mode not in MODES:
+            raise ValueError(f"unknown forward mode {mode!r}; expected one of {MODES}")
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images must be (B, H, W, 3) NHWC, got shape {images.shape}")
+        height, width = images.shape[1:3]
+
+        x, shallow = self.decoder_features(images, train)
+        aux_logits, aux_masks = self.aux_forward(x, train)
+        dictionary_init = initial_dictionary(x, aux_logits)
+
+        if mode == "test":
+            (x_lr,), _, _ = self.low_rank([x], dictionary_init)
+            logits, masks = self.segmentation_forward(x_lr, shallow, train)
+            return {
+                "cls": self.class_scores(logits, masks),
+                "masks": resize_bilinear_align_corners(masks, (height, width)),
+            }
+
+        images2 = resize_bilinear_align_corners(
+            images, scaled_size((height, width), self.scale_factor)
+        )
+        x2, shallow2 = self.decoder_features(images2, train)
+        (x_lr, x2_lr), (codes, codes2), dictionary = self.low_rank([x, x2], dictionary_init)
+        logits, masks = self.segmentation_forward(x_lr, shallow, train)
+        logits2, masks2 = self.segmentation_forward(x2_lr, shallow2, train)
+        cls = self.class_scores(logits, masks)
+        cls2 = self.class_scores(logits2, masks2)
+        # View 2 back to view 1's stride-4 grid.
+        size = x.shape[1:3]
+        masks2 = resize_bilinear_align_corners(masks2, size)
+
+        if mode == "test_two_view":
+            return {
+                "cls": (cls + cls2) / 2.0,
+                "masks": resize_bilinear_align_corners((masks + masks2) / 2.0, (height, width)),
+            }
+        return {
+            "logits": logits,
+            "masks": masks,
+            "logits2": resize_bilinear_align_corners(logits2, size),
+            "masks2": masks2,
+            "aux_logits": aux_logits,
+            "aux_masks": aux_masks,
+            "cls": cls,
+            "cls2": cls2,
+            "cls_aux": self.class_scores(aux_logits, aux_masks),
+            "codes": codes.astype(jnp.float32),
+            "codes2": resize_bilinear_align_corners(codes2, size).astype(jnp.float32),
+            "dictionary": dictionary.astype(jnp.float32),
+        }
+
+
+def build_model(model_cfg) -> SLRNet:
+    """``SLRNet`` from a config dict / ``ml_collections.ConfigDict`` (keys as attributes)."""
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(
+        str(model_cfg.get("dtype", "float32"))
+    )
+    if dtype is None:
+        raise ValueError(
+            f"model.dtype must be 'float32' or 'bfloat16', got {model_cfg.get('dtype')!r}"
+        )
+    return SLRNet(
+        variant=model_cfg.get("variant", "wsss"),
+        num_classes=int(model_cfg.get("num_classes", 21)),
+        width=float(model_cfg.get("width", 1.0)),
+        num_iters=int(model_cfg.get("num_iters", 1)),
+        temperature=float(model_cfg.get("temperature", 1.0)),
+        scale_factor=float(model_cfg.get("scale_factor", 0.5)),
+        dtype=dtype,
+        remat=bool(model_cfg.get("remat", False)),
+    )
+
+
+def init_variables(model: SLRNet, rng: jax.Array, image_size: tuple[int, int] = (33, 33)) -> dict:
+    """Random ``{'params', 'batch_stats'}`` for ``model`` (shapes do not depend on image size).
+
+    Runs un-jitted: compiling the whole network costs far more than one small eager pass.
+    """
+    images = jnp.zeros((1, *image_size, 3), jnp.float32)
+    return dict(model.init({"params": rng}, images, mode="test", train=False))
+
+
+def variable_shapes(model: SLRNet) -> dict:
+    """``{'params', 'batch_stats'}`` of ``jax.ShapeDtypeStruct`` leaves, without computing."""
+    return jax.eval_shape(lambda r: init_variables(model, r), jax.random.key(0))
