@@ -1,0 +1,34 @@
+"""A CPU demo: WSSS SLRNet on the embedded synthetic_shapes set, no download, a few minutes.
+
+The network is the reference architecture at 1/8 of the channels (``model.width``); images are
+64 px with five shape classes (slr_jax/data/synthetic.py); losses, pseudo labels, optimiser
+groups and schedule are the WSSS ones of configs/voc.py with fewer epochs and the PAMR
+dilations scaled to the small masks. Training ends with an evaluation of the synthetic
+validation split (mIoU printed and written under WORKDIR/eval/).
+
+    python -m slr_jax.main --config=configs/demo.py --workdir=/tmp/slr_demo
+"""
+
+from configs import common
+
+
+def get_config():
+    config = common.get_config()
+    config.model.num_classes = 6
+    config.model.width = 0.125
+    config.loss.pamr_dilations = (1, 2, 4)
+    config.dataset.name = "synthetic"
+    config.dataset.num_train = 256
+    config.dataset.num_val = 32
+    config.dataset.image_size = 64
+    config.dataset.crop_size = 64
+    config.train.batch_size = 8
+    config.train.num_epochs = 6
+    config.train.pretrain_epochs = 1
+    config.train.lr = 2e-3
+    config.train.log_every_steps = 16
+    config.train.image_every_steps = 64
+    config.checkpoint.every_steps = 64
+    config.test.scales = (1.0, 0.75)
+    config.test.top_k = 3
+    return common.finalise(config)

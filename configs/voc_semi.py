@@ -1,0 +1,20 @@
+"""VOC 2012 + SBD, semi-supervised: 1464 pixel-labelled images plus image labels for the rest.
+
+Values from the reference's ``experiments/slrnet_voc_semi_w_cls_v100x2.yaml``: batch 8, crop
+448, the pixel-labelled ``train`` list oversampled 3x, loss coefficients 0.5/2/2/0.5, the rest
+as WSSS. Inference uses background power 1 (semi models are trained with pixel labels).
+"""
+
+from configs import common
+
+
+def get_config():
+    config = common.get_config()
+    config.model.variant = "semi"
+    config.loss.loss_coeff = (0.5, 2.0, 2.0, 0.5)
+    config.dataset.labeled_split = "train"
+    config.dataset.oversample_rate = 3
+    config.dataset.crop_size = 448
+    config.train.batch_size = 8
+    config.test.bg_pow = 1.0
+    return common.finalise(config)

@@ -1,0 +1,28 @@
+"""VOC 2012 + SBD, semi-supervised without image labels: 1464 pixel-labelled images plus
+unlabelled images (the heads predict background themselves, no constant background logit).
+
+Values from the reference's ``experiments/slrnet_voc_semi_wo_cls.yaml`` and
+``models/slrnet_semi_wo_cls.py``: batch 10, crop 448, 40 epochs with 10 of pretraining, the
+labelled list oversampled 7x, cutoffs 0.8/0.6, background threshold scale 0.9 and background
+cubed before PAMR; inference without class-presence filtering, background power 1
+(``tools/infer_voc_wo_cls.py``).
+"""
+
+from configs import common
+
+
+def get_config():
+    config = common.get_config()
+    config.model.variant = "semi_wo_cls"
+    config.loss.cutoff_top = 0.8
+    config.loss.cutoff_low = 0.6
+    config.loss.bg_scale = 0.9
+    config.loss.pamr_bg_pow = 3.0
+    config.dataset.labeled_split = "train"
+    config.dataset.oversample_rate = 7
+    config.dataset.crop_size = 448
+    config.train.batch_size = 10
+    config.train.num_epochs = 40
+    config.train.pretrain_epochs = 10
+    config.test.bg_pow = 1.0
+    return common.finalise(config)

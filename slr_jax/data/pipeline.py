@@ -1,0 +1,618 @@
+"""tf.data input pipelines: training batches and full-size evaluation images as NumPy dicts.
+
+Training batch (per process; the global ``config.train.batch_size`` is split over processes)::
+
+    image       (B, h, w, 3) float32  ImageNet-normalised, (h, w) = crop size
+    raw_image   (B, h, w, 3) float32  the same pixels in [0, 1] (after colour jitter)
+    labels      (B, C-1)     float32  multi-hot foreground classes
+    mask        (B, h, w)    int32    class indices, 255 = ignore; all 255 if not pixel-labelled
+    is_labeled  (B,)         bool
+
+Evaluation batch: one full-size image (B = 1, no crop) with the keys above at its own (H, W),
+plus ``name`` (1,) str, ``size`` (1, 2) int32 (H, W) and ``is_valid`` (1,) bool (False only
+for the padding that gives every process the same number of batches).
+
+Each process reads its own shard (``jax.process_index()`` of ``jax.process_count()``).
+Decoding and augmentation run in PIL inside ``tf.numpy_function`` (see ``voc.py`` and
+``transforms.py`` for why); tf.data supplies shuffling, parallel mapping, batching and
+prefetching. TensorFlow is kept off the GPU so it cannot take accelerator memory.
+
+Config keys read (``config.dataset`` unless noted): ``name`` ('voc' | 'synthetic' | 'coco'),
+``source``, ``tfds_name``, ``manual_dir``, ``data_dir``, ``train_split``, ``val_split``,
+``labeled_split``, ``oversample_rate``, ``crop_size``, ``scale_range``, ``ratio_range``,
+``flip_prob``, ``color_jitter``, ``image_labels_file``, ``num_parallel_calls``, ``prefetch``,
+and for 'synthetic' ``num_train``, ``num_val``, ``image_size``; plus ``config.seed``,
+``config.model.num_classes`` and ``config.train.batch_size``.
+
+``source`` 'folder' (the default for 'voc' and 'synthetic') reads the VOC-layout folder;
+'tfds' (the default for 'coco', which has no folder reader) reads splits of the tfds builder
+``tfds_name`` (default 'voc_sbd', 'synthetic_shapes' or 'coco_seg' after ``name``; a config
+such as 'synthetic_shapes/tiny' may be named) from ``data_dir``, preparing it from
+``manual_dir`` first if needed. It must be stored as array_record: examples are read by index
+through ``as_data_source``, so shuffling, sharding, oversampling and augmentation are the
+folder path's, and images are decoded with PIL as there. Labels are the stored ``labels``.
+On several hosts, prepare the data once beforehand (``tfds build voc_sbd --imports
+slr_jax.data --manual_dir ... --file_format array_record``) rather than on every host.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import functools
+import json
+import os
+import re
+import shutil
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slr_jax.data import transforms, voc
+from slr_jax.data.synthetic import INFO_FILE, write_synthetic_voc
+from slr_jax.data.voc import DataError, VocExample
+
+Batch = dict[str, np.ndarray]
+TRAIN_KEYS = ("image", "raw_image", "mask", "labels", "is_labeled")
+
+
+@functools.cache
+def _tf():
+    """TensorFlow, imported lazily and hidden from GPUs (it must not grab accelerator memory)."""
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:
+        pass  # TF was initialised elsewhere first; its device list can no longer change.
+    atexit.register(_close_live_iterators)  # registered after TF's own, so it runs first
+    return tf
+
+
+def _setting(section: Any, key: str, default: Any) -> Any:
+    """``section.key`` or ``default`` for ConfigDicts, dicts and plain objects."""
+    if section is None:
+        return default
+    if isinstance(section, Mapping) or hasattr(section, "get"):
+        value = section.get(key, default)
+    else:
+        value = getattr(section, key, default)
+    return default if value is None else value
+
+
+def _process_slot(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count}).")
+    return int(process_index), int(process_count)
+
+
+# ----------------------------------------------------------------------------- example lists
+
+
+def _synthetic_root(cfg: Any) -> Path:
+    """Writes the synthetic dataset once (atomically) and returns its VOC-layout folder."""
+    dataset = cfg.dataset
+    folder = _setting(dataset, "manual_dir", "") or os.path.join(
+        _setting(dataset, "data_dir", "") or os.path.expanduser("~/slr_jax_data"),
+        "synthetic_shapes",
+    )
+    root = Path(folder).expanduser()
+    kwargs = dict(
+        num_train=int(_setting(dataset, "num_train", 64)),
+        num_val=int(_setting(dataset, "num_val", 16)),
+        size=_setting(dataset, "image_size", 64),
+        num_classes=int(cfg.model.num_classes),
+        seed=int(_setting(dataset, "synthetic_seed", 0)),
+    )
+    if isinstance(kwargs["size"], Sequence):
+        kwargs["size"] = [int(s) for s in kwargs["size"]]
+    info = {**kwargs}
+    info_path = root / INFO_FILE
+    if info_path.is_file() and json.loads(info_path.read_text() or "null") == info:
+        return root
+    if root.exists() and any(root.iterdir()) and not info_path.is_file():
+        raise DataError(
+            f"{root} is not empty and is not a synthetic dataset folder; point "
+            "config.dataset.manual_dir at an empty or new folder for the synthetic data."
+        )
+    # Write next to the target and rename, so concurrent processes never see half a dataset.
+    staging = root.parent / f".{root.name}.staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    write_synthetic_voc(staging, **kwargs)
+    if info_path.is_file():
+        shutil.rmtree(root)  # Our own folder written with other arguments.
+    try:
+        os.rename(staging, root)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)  # Another process won the race.
+    return root
+
+
+def dataset_root(cfg: Any) -> Path:
+    """The VOC-layout folder of ``config.dataset`` (writing the synthetic one when needed)."""
+    name = _setting(cfg.dataset, "name", "voc")
+    if name == "synthetic":
+        return _synthetic_root(cfg)
+    if name == "voc":
+        return voc.resolve_voc_root(_setting(cfg.dataset, "manual_dir", ""))
+    raise ValueError(f"Unknown config.dataset.name {name!r}; expected 'voc' or 'synthetic'.")
+
+
+def _image_labels(cfg: Any) -> dict[str, list[int]] | None:
+    path = _setting(cfg.dataset, "image_labels_file", "")
+    if not path:
+        return None
+    try:
+        with open(path) as handle:
+            return {str(k): [int(c) for c in v] for k, v in json.load(handle).items()}
+    except (OSError, ValueError, AttributeError, TypeError) as error:
+        raise DataError(
+            f"config.dataset.image_labels_file {path}: expected a JSON object "
+            f"{{image_id: [class ids 1..C-1]}} ({error})."
+        ) from None
+
+
+def train_examples(cfg: Any) -> list[VocExample] | list[TfdsExample]:
+    """The training list of ``config`` (semi-supervised marking and oversampling applied)."""
+    if _uses_tfds(cfg):
+        return _tfds_train_examples(cfg)
+    root = dataset_root(cfg)
+    examples = voc.training_examples(
+        root,
+        _setting(cfg.dataset, "train_split", "train_aug"),
+        labeled_split=_setting(cfg.dataset, "labeled_split", None),
+        oversample_rate=int(_setting(cfg.dataset, "oversample_rate", 1)),
+    )
+    voc.check_files_exist(examples)
+    return examples
+
+
+def eval_examples(cfg: Any, split: str | None = None) -> list[VocExample] | list[TfdsExample]:
+    """The evaluation list (``config.dataset.val_split`` unless ``split`` is given)."""
+    if _uses_tfds(cfg):
+        split = split or _setting(cfg.dataset, "val_split", "val")
+        return [TfdsExample(split, index) for index in range(len(_tfds_source(cfg, split)))]
+    root = dataset_root(cfg)
+    examples = voc.read_split(root, split or _setting(cfg.dataset, "val_split", "val"))
+    voc.check_files_exist(examples)
+    return examples
+
+
+def example_loader(cfg: Any) -> Callable[..., dict[str, Any]]:
+    """``load(example, num_classes, image_labels)`` decoding one example of ``config``'s source.
+
+    Returns ``voc.load_example``'s dict; the tfds loader adds ``name``.
+    """
+    return _tfds_loader(cfg) if _uses_tfds(cfg) else voc.load_example
+
+
+# ----------------------------------------------------------------------------- tfds source
+
+TFDS_BUILDERS = {"voc": "voc_sbd", "synthetic": "synthetic_shapes", "coco": "coco_seg"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsExample:
+    """Record ``index`` of the prepared tfds ``split`` (its name is read with the record)."""
+
+    split: str
+    index: int
+    is_labeled: bool = True
+
+
+def _uses_tfds(cfg: Any) -> bool:
+    name = _setting(cfg.dataset, "name", "voc")
+    source = _setting(cfg.dataset, "source", "") or ("tfds" if name == "coco" else "folder")
+    if source not in ("folder", "tfds"):
+        raise ValueError(f"Unknown config.dataset.source {source!r}; expected 'folder' or 'tfds'.")
+    return source == "tfds"
+
+
+def _tfds_key(cfg: Any) -> tuple[str, str, str]:
+    """(builder name, data_dir, manual_dir) of ``config``."""
+    dataset = cfg.dataset
+    name = _setting(dataset, "tfds_name", "")
+    if not name:
+        dataset_name = _setting(dataset, "name", "voc")
+        if dataset_name not in TFDS_BUILDERS:
+            raise ValueError(
+                f"No tfds builder for config.dataset.name {dataset_name!r}; set "
+                f"config.dataset.tfds_name or use a name in {sorted(TFDS_BUILDERS)}."
+            )
+        name = TFDS_BUILDERS[dataset_name]
+    data_dir = os.path.expanduser(str(_setting(dataset, "data_dir", "") or ""))
+    return name, data_dir, str(_setting(dataset, "manual_dir", "") or "")
+
+
+@functools.cache
+def _prepared_builder(name: str, data_dir: str, manual_dir: str):
+    import tensorflow_datasets as tfds
+
+    from slr_jax.data import builders  # noqa: F401  (registers the builders with tfds)
+
+    builder = tfds.builder(name, data_dir=data_dir or None)
+    if not builder.is_prepared():
+        config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
+        builder.download_and_prepare(download_config=config, file_format="array_record")
+    return builder
+
+
+@functools.cache
+def _cached_source(name: str, data_dir: str, manual_dir: str, split: str):
+    import tensorflow_datasets as tfds
+
+    from slr_jax.data import builders
+
+    builder = _prepared_builder(name, data_dir, manual_dir)
+    skip = {key: tfds.decode.SkipDecoding() for key in builders.ENCODED_FEATURES}
+    try:
+        return builder.as_data_source(split, decoders=skip)
+    except NotImplementedError:
+        raise DataError(
+            f"tfds dataset {name} in {builder.data_dir} is stored as "
+            f"{builder.info.file_format.value}, but the pipeline reads examples by index and "
+            "needs array_record: build it into another data_dir with "
+            "file_format='array_record' (tfds build --file_format=array_record), or convert "
+            "it with `tfds convert_format`."
+        ) from None
+
+
+def _tfds_source(cfg: Any, split: str):
+    """The array_record data source of ``split`` (image and mask left encoded)."""
+    return _cached_source(*_tfds_key(cfg), split)
+
+
+def _tfds_names(source) -> list[str]:
+    names = []
+    for index in range(len(source)):
+        name = source[index]["name"]
+        names.append(name.decode() if isinstance(name, bytes) else str(name))
+    return names
+
+
+def _tfds_train_examples(cfg: Any) -> list[TfdsExample]:
+    """The tfds training list, marked and oversampled as ``voc.training_examples`` does."""
+    split = _setting(cfg.dataset, "train_split", "train_aug")
+    source = _tfds_source(cfg, split)
+    examples = [TfdsExample(split, index) for index in range(len(source))]
+    labeled_split = _setting(cfg.dataset, "labeled_split", None)
+    if not labeled_split:
+        return examples
+    if str(labeled_split).lower() in voc.NO_PIXEL_LABELS:
+        return [dataclasses.replace(e, is_labeled=False) for e in examples]
+    oversample_rate = _setting(cfg.dataset, "oversample_rate", 1)
+    if int(oversample_rate) < 1:
+        raise DataError(f"oversample_rate must be an integer >= 1, got {oversample_rate}.")
+    labeled = set(_tfds_names(_tfds_source(cfg, labeled_split)))
+    names = _tfds_names(source)
+    absent = sorted(labeled - set(names))
+    if absent:
+        raise DataError(
+            f"{len(absent)} pixel-labelled id(s) of split {labeled_split!r} are not in the "
+            f"training split {split!r}, e.g. {absent[:5]}; the labelled split must be a subset "
+            "of the training split."
+        )
+    marked = [TfdsExample(split, i, name in labeled) for i, name in enumerate(names)]
+    return marked + [e for e in marked if e.is_labeled] * (int(oversample_rate) - 1)
+
+
+def _tfds_loader(cfg: Any) -> Callable[..., dict[str, Any]]:
+    key = _tfds_key(cfg)
+
+    def load(example: TfdsExample, num_classes: int, image_labels=None) -> dict[str, Any]:
+        from slr_jax.data import builders
+
+        record = builders.decode_record(_cached_source(*key, example.split)[example.index])
+        labels = record["labels"]
+        if labels.shape != (num_classes - 1,):
+            raise DataError(
+                f"tfds dataset {key[0]} has {labels.shape[0] + 1} classes but "
+                f"config.model.num_classes is {num_classes}."
+            )
+        if image_labels is not None and record["name"] in image_labels:
+            labels = voc.labels_from_class_ids(image_labels[record["name"]], num_classes)
+        mask = record["mask"]
+        if not example.is_labeled:
+            mask = np.full(mask.shape, voc.IGNORE_LABEL, np.uint8)
+        return {
+            "image": record["image"],
+            "mask": mask,
+            "labels": labels,
+            "is_labeled": bool(example.is_labeled),
+            "name": record["name"],
+        }
+
+    return load
+
+
+# ----------------------------------------------------------------------------- tf.data
+
+
+def _data_error_from(error: Exception) -> Exception:
+    """The DataError raised inside ``tf.numpy_function``, recovered from TF's wrapper error."""
+    match = re.search(r"DataError: (.*)", getattr(error, "message", str(error)))
+    if match:
+        return DataError(match.group(1).strip())
+    return error
+
+
+_LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _close_live_iterators() -> None:
+    # A tf.data iterator whose map calls back into Python must be released while the
+    # interpreter is still whole: left to interpreter shutdown, it can deadlock on the GIL.
+    for iterator in list(_LIVE_ITERATORS):
+        iterator.close()
+
+
+class NumpyIterator:
+    """Iterates a tf.data dataset as NumPy dicts, turning decode failures into DataError."""
+
+    def __init__(self, dataset, finalise: Callable[[Batch], Batch] | None = None):
+        self._iterator = dataset.as_numpy_iterator()
+        self._finalise = finalise
+        self._errors = _tf().errors.OpError
+        _LIVE_ITERATORS.add(self)
+
+    def __iter__(self) -> NumpyIterator:
+        return self
+
+    def __next__(self) -> Batch:
+        if self._iterator is None:
+            raise StopIteration
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            self.close()
+            raise
+        except self._errors as error:
+            self.close()
+            raise _data_error_from(error) from None
+        return self._finalise(batch) if self._finalise else batch
+
+    def close(self) -> None:
+        """Stops the background work of the pipeline; the iterator is then exhausted."""
+        self._iterator = None
+
+
+def _with_options(dataset):
+    tf = _tf()
+    options = tf.data.Options()
+    options.deterministic = True
+    return dataset.with_options(options)
+
+
+def build_train_dataset(
+    examples: Sequence[VocExample],
+    *,
+    num_classes: int,
+    batch_size: int,
+    crop_size: int | Sequence[int],
+    seed: int,
+    scale: Sequence[float] = (0.9, 1.0),
+    ratio: Sequence[float] = transforms.DEFAULT_RATIO,
+    flip_prob: float = 0.5,
+    jitter: Sequence[float] | None = transforms.DEFAULT_JITTER,
+    image_labels: Mapping[str, Sequence[int]] | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_parallel_calls: int | None = None,
+    prefetch: int | None = None,
+    start_position: int = 0,
+    load_example: Callable[..., dict[str, Any]] = voc.load_example,
+):
+    """Endless tf.data dataset of training batches of ``batch_size`` (this process's share).
+
+    Shuffled each epoch with ``seed``, sharded by process, augmented with per-example random
+    draws seeded by (seed, process, position in the stream), so runs repeat exactly.
+    ``start_position`` skips that many examples of the stream (cheaply, before decoding): a
+    resumed run passes the position its checkpoint recorded and continues the same stream.
+    ``load_example(example, num_classes, image_labels)`` decodes one element of ``examples``.
+    """
+    tf = _tf()
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if len(examples) < process_count:
+        raise DataError(
+            f"{len(examples)} training examples cannot be shared by {process_count} processes."
+        )
+    crop = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
+    examples = list(examples)
+
+    def load_and_augment(index, position):
+        example = examples[int(index)]
+        decoded = load_example(example, num_classes, image_labels)
+        rng = np.random.default_rng([seed, process_index, int(position)])
+        out = transforms.train_transform(
+            decoded["image"],
+            decoded["mask"],
+            rng,
+            crop_size=crop,
+            scale=scale,
+            ratio=ratio,
+            flip_prob=flip_prob,
+            jitter=jitter,
+        )
+        return (
+            out["image"],
+            out["raw_image"],
+            out["mask"],
+            decoded["labels"],
+            np.bool_(decoded["is_labeled"]),
+        )
+
+    @tf.autograph.experimental.do_not_convert  # plain Python: nothing to convert
+    def map_fn(position, index):
+        values = tf.numpy_function(
+            load_and_augment,
+            [index, position],
+            [tf.float32, tf.float32, tf.int32, tf.float32, tf.bool],
+            stateful=False,
+        )
+        shapes = [(*crop, 3), (*crop, 3), crop, (num_classes - 1,), ()]
+        for value, shape in zip(values, shapes):
+            value.set_shape(shape)
+        return dict(zip(TRAIN_KEYS, values))
+
+    autotune = tf.data.AUTOTUNE
+    dataset = tf.data.Dataset.range(len(examples)).shard(process_count, process_index)
+    shard_size = len(range(process_index, len(examples), process_count))
+    dataset = dataset.shuffle(shard_size, seed=seed, reshuffle_each_iteration=True).repeat()
+    dataset = dataset.enumerate().skip(int(start_position))
+    dataset = dataset.map(map_fn, num_parallel_calls=num_parallel_calls or autotune)
+    dataset = dataset.batch(batch_size, drop_remainder=True)
+    dataset = dataset.prefetch(prefetch or autotune)
+    return _with_options(dataset)
+
+
+def build_eval_dataset(
+    examples: Sequence[VocExample],
+    *,
+    num_classes: int,
+    image_labels: Mapping[str, Sequence[int]] | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_parallel_calls: int | None = None,
+    load_example: Callable[..., dict[str, Any]] = voc.load_example,
+):
+    """Finite tf.data dataset of full-size examples, one per batch, for this process.
+
+    Every process gets ``ceil(N / process_count)`` batches; the missing ones of short shards
+    repeat the shard's last example with ``is_valid`` False. ``load_example`` as in
+    ``build_train_dataset``; the name is its ``name`` entry when it has one.
+    """
+    tf = _tf()
+    examples = list(examples)
+    if not examples:
+        raise DataError("The evaluation list is empty.")
+    indices = list(range(process_index, len(examples), process_count))
+    per_process = -(-len(examples) // process_count)
+    fallback = indices[-1] if indices else 0
+    valid = [True] * len(indices) + [False] * (per_process - len(indices))
+    indices += [fallback] * (per_process - len(indices))
+
+    def load(index):
+        example = examples[int(index)]
+        decoded = load_example(example, num_classes, image_labels)
+        name = decoded["name"] if "name" in decoded else example.name
+        out = transforms.eval_transform(decoded["image"], decoded["mask"])
+        height, width = decoded["mask"].shape
+        return (
+            out["image"],
+            out["raw_image"],
+            out["mask"],
+            decoded["labels"],
+            np.bool_(decoded["is_labeled"]),
+            np.bytes_(name.encode()),
+            np.asarray((height, width), np.int32),
+        )
+
+    @tf.autograph.experimental.do_not_convert  # plain Python: nothing to convert
+    def map_fn(index, is_valid):
+        values = tf.numpy_function(
+            load,
+            [index],
+            [tf.float32, tf.float32, tf.int32, tf.float32, tf.bool, tf.string, tf.int32],
+            stateful=False,
+        )
+        shapes = [(None, None, 3), (None, None, 3), (None, None), (num_classes - 1,), (), (), (2,)]
+        for value, shape in zip(values, shapes):
+            value.set_shape(shape)
+        keys = (*TRAIN_KEYS, "name", "size")
+        return {**dict(zip(keys, values)), "is_valid": is_valid}
+
+    dataset = tf.data.Dataset.from_tensor_slices(
+        (np.asarray(indices, np.int64), np.asarray(valid, bool))
+    )
+    dataset = dataset.map(map_fn, num_parallel_calls=num_parallel_calls or tf.data.AUTOTUNE)
+    dataset = dataset.batch(1).prefetch(tf.data.AUTOTUNE)
+    return _with_options(dataset)
+
+
+def _decode_names(batch: Batch) -> Batch:
+    batch["name"] = np.asarray([name.decode() for name in batch["name"]])
+    return batch
+
+
+# ----------------------------------------------------------------------------- config entry points
+
+
+def train_dataset(
+    cfg: Any,
+    *,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    start_position: int = 0,
+) -> NumpyIterator:
+    """Endless iterator of this process's training batches (NumPy dicts, see module doc),
+    starting ``start_position`` examples into this process's stream."""
+    process_index, process_count = _process_slot(process_index, process_count)
+    global_batch = int(cfg.train.batch_size)
+    if global_batch % process_count:
+        raise ValueError(
+            f"config.train.batch_size {global_batch} is not divisible by the {process_count} "
+            "processes; use a multiple of jax.process_count()."
+        )
+    dataset = cfg.dataset
+    jitter = _setting(dataset, "color_jitter", transforms.DEFAULT_JITTER)
+    dataset_tf = build_train_dataset(
+        train_examples(cfg),
+        num_classes=int(cfg.model.num_classes),
+        batch_size=global_batch // process_count,
+        crop_size=_setting(dataset, "crop_size", 321),
+        seed=int(_setting(cfg, "seed", 0)),
+        scale=tuple(_setting(dataset, "scale_range", (0.9, 1.0))),
+        ratio=tuple(_setting(dataset, "ratio_range", transforms.DEFAULT_RATIO)),
+        flip_prob=float(_setting(dataset, "flip_prob", 0.5)),
+        jitter=tuple(jitter) if jitter else None,
+        image_labels=_image_labels(cfg),
+        process_index=process_index,
+        process_count=process_count,
+        num_parallel_calls=_setting(dataset, "num_parallel_calls", None),
+        prefetch=_setting(dataset, "prefetch", None),
+        start_position=start_position,
+        load_example=example_loader(cfg),
+    )
+    return NumpyIterator(dataset_tf)
+
+
+def eval_dataset(
+    cfg: Any,
+    *,
+    split: str | None = None,
+    limit: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> NumpyIterator:
+    """Iterator of full-size evaluation examples, one per batch (see module doc).
+
+    ``split`` defaults to ``config.dataset.val_split``; ``limit`` keeps the first examples.
+    """
+    process_index, process_count = _process_slot(process_index, process_count)
+    examples = eval_examples(cfg, split)
+    if limit is not None:
+        examples = examples[: int(limit)]
+    dataset_tf = build_eval_dataset(
+        examples,
+        num_classes=int(cfg.model.num_classes),
+        image_labels=_image_labels(cfg),
+        process_index=process_index,
+        process_count=process_count,
+        num_parallel_calls=_setting(cfg.dataset, "num_parallel_calls", None),
+        load_example=example_loader(cfg),
+    )
+    return NumpyIterator(dataset_tf, _decode_names)
+
+
+def num_train_examples(cfg: Any) -> int:
+    """Examples in one training epoch over all processes (oversampled repeats included)."""
+    return len(train_examples(cfg))

@@ -1,0 +1,348 @@
+"""PASCAL VOC 2012 (+ SBD ``train_aug``) read from a folder the user names; nothing downloaded.
+
+Expected layout (``manual_dir`` may be this folder or one holding ``VOCdevkit/VOC2012``)::
+
+    JPEGImages/<id>.jpg
+    SegmentationClass/<id>.png          VOC pixel labels (palette PNG, 255 = ignore)
+    SegmentationClassAug/<id>.png       VOC + SBD pixel labels (the usual "SegmentationClassAug")
+    ImageSets/Segmentation/train.txt    1464 ids (the pixel-labelled set of the semi setting)
+    ImageSets/Segmentation/train_aug.txt  10582 ids
+    ImageSets/Segmentation/val.txt      1449 ids
+
+A list file holds one id per line, or two paths per line (image, mask) relative to
+``manual_dir`` as in the reference's ``data/train_augvoc.txt``; ``split`` may also name such a
+``.txt`` file directly.
+
+Paths may be local or ``gs://`` (``etils.epath``). Why not a tfds builder: reading is plain
+Python (PIL, as the reference does) that ``pipeline.py`` runs inside ``tf.data`` through
+``tf.numpy_function``, so the decoded pixels equal the reference's (TF's JPEG decoder and
+resizers differ slightly), an unreadable file is reported by name, and no TFRecord copy of the
+20k VOC/SBD files has to be prepared first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+from etils import epath
+from PIL import Image, UnidentifiedImageError
+
+IGNORE_LABEL = 255
+VOC_CLASSES = (
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
+NUM_VOC_CLASSES = len(VOC_CLASSES)
+
+# split name -> (list file under ImageSets/Segmentation, mask folder)
+SPLIT_LAYOUT = {
+    "train_aug": ("train_aug.txt", "SegmentationClassAug"),
+    "train": ("train.txt", "SegmentationClass"),
+    "val": ("val.txt", "SegmentationClass"),
+    "trainval": ("trainval.txt", "SegmentationClass"),
+    "test": ("test.txt", None),
+}
+# ``labeled_split`` values meaning "no pixel labels at all" (weakly supervised training).
+NO_PIXEL_LABELS = ("none",)
+
+
+class DataError(ValueError):
+    """The dataset folder, a list file or an image is missing, unreadable or inconsistent."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VocExample:
+    """Where one example lives. ``mask_path`` None: no pixel labels on disk (test split)."""
+
+    name: str
+    image_path: str
+    mask_path: str | None
+    is_labeled: bool
+
+
+def voc_palette() -> list[int]:
+    """The 256-entry VOC colour palette as a flat [r0, g0, b0, r1, ...] list (768 ints)."""
+    palette = []
+    for index in range(256):
+        red = green = blue = 0
+        code = index
+        # Bits 0, 1, 2 of the index feed red, green, blue from the most significant bit down.
+        for shift in range(7, -1, -1):
+            red |= (code & 1) << shift
+            green |= ((code >> 1) & 1) << shift
+            blue |= ((code >> 2) & 1) << shift
+            code >>= 3
+        palette += [red, green, blue]
+    return palette
+
+
+def resolve_voc_root(manual_dir: str | os.PathLike) -> epath.Path:
+    """The folder holding ``JPEGImages``: ``manual_dir`` or ``manual_dir/VOCdevkit/VOC2012``."""
+    if manual_dir is None or str(manual_dir) == "":
+        raise DataError(
+            "No VOC folder given: set config.dataset.manual_dir to the folder holding "
+            "JPEGImages/ (or VOCdevkit/VOC2012/)."
+        )
+    base = epath.Path(manual_dir).expanduser()
+    candidates = (base, base / "VOCdevkit" / "VOC2012")
+    for candidate in candidates:
+        if (candidate / "JPEGImages").is_dir():
+            return candidate
+    expected = " or ".join(str(c / "JPEGImages") for c in candidates)
+    if not base.exists():
+        raise DataError(f"VOC folder {base} does not exist; expected {expected}.")
+    raise DataError(
+        f"VOC folder {base} has no JPEGImages/ folder; expected {expected}. "
+        "Point config.dataset.manual_dir at the extracted VOC 2012 folder."
+    )
+
+
+def _list_file(root: epath.Path, manual_dir: epath.Path, split: str) -> epath.Path:
+    if split.endswith(".txt"):
+        path = epath.Path(split).expanduser()
+        return path if path.is_absolute() else manual_dir / path
+    if split not in SPLIT_LAYOUT:
+        raise DataError(
+            f"Unknown VOC split {split!r}; use one of {sorted(SPLIT_LAYOUT)} or a path to a "
+            ".txt list file."
+        )
+    return root / "ImageSets" / "Segmentation" / SPLIT_LAYOUT[split][0]
+
+
+def read_split(manual_dir: str | os.PathLike, split: str) -> list[VocExample]:
+    """Examples of ``split`` (all marked pixel-labelled when a mask path exists), list order."""
+    root = resolve_voc_root(manual_dir)
+    manual_dir = epath.Path(manual_dir).expanduser()
+    list_path = _list_file(root, manual_dir, split)
+    if not list_path.is_file():
+        hint = ""
+        if split == "train_aug":
+            hint = (
+                " train_aug needs the SBD augmentation inside the VOC folder: "
+                "SegmentationClassAug/ (the SBD + VOC masks as palette PNGs) and its list "
+                "ImageSets/Segmentation/train_aug.txt (10582 ids)."
+            )
+        raise DataError(f"List file for split {split!r} not found: expected {list_path}.{hint}")
+    mask_folder = SPLIT_LAYOUT.get(split, ("", "SegmentationClass"))[1]
+    if mask_folder is not None and not (root / mask_folder).is_dir():
+        raise DataError(
+            f"Mask folder for split {split!r} not found: expected {root / mask_folder}/."
+        )
+    examples = []
+    for line_number, line in enumerate(list_path.read_text().splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) == 1:
+            name = fields[0]
+            image_path = root / "JPEGImages" / f"{name}.jpg"
+            mask_path = None if mask_folder is None else root / mask_folder / f"{name}.png"
+        elif len(fields) == 2:
+            image_path = manual_dir / fields[0].lstrip("/")
+            mask_path = manual_dir / fields[1].lstrip("/")
+            name = image_path.stem
+        else:
+            raise DataError(
+                f"{list_path}:{line_number}: expected '<id>' or '<image> <mask>', got {line!r}."
+            )
+        examples.append(
+            VocExample(
+                name=name,
+                image_path=str(image_path),
+                mask_path=None if mask_path is None else str(mask_path),
+                is_labeled=mask_path is not None,
+            )
+        )
+    if not examples:
+        raise DataError(f"List file {list_path} holds no examples.")
+    return examples
+
+
+def check_files_exist(examples: Iterable[VocExample], max_report: int = 5) -> None:
+    """Raises DataError naming the first missing image/mask files (cheap: stat calls only)."""
+    missing = []
+    for example in examples:
+        if "://" in example.image_path:
+            return  # Remote storage: one stat per file is too slow; decoding names bad files.
+        for path in (example.image_path, example.mask_path):
+            if path is not None and not os.path.isfile(path):
+                missing.append(path)
+    if missing:
+        shown = ", ".join(missing[:max_report])
+        raise DataError(
+            f"{len(missing)} listed file(s) do not exist, e.g. {shown}. Check that the list "
+            "file matches the folder contents."
+        )
+
+
+def semi_supervised_examples(
+    examples: Sequence[VocExample],
+    labeled_names: Iterable[str],
+    oversample_rate: int = 1,
+) -> list[VocExample]:
+    """Marks ``labeled_names`` pixel-labelled (others not) and repeats them ``oversample_rate``x.
+
+    As in the reference's semi-supervised VOC set, each labelled image appears
+    ``oversample_rate`` times per epoch; the repeats are appended after the original list.
+    """
+    if int(oversample_rate) < 1:
+        raise DataError(f"oversample_rate must be an integer >= 1, got {oversample_rate}.")
+    labeled = set(labeled_names)
+    present = {example.name for example in examples}
+    absent = sorted(labeled - present)
+    if absent:
+        raise DataError(
+            f"{len(absent)} pixel-labelled id(s) are not in the training list, e.g. "
+            f"{absent[:5]}; the labelled split must be a subset of the training split."
+        )
+    marked = [
+        dataclasses.replace(e, is_labeled=e.name in labeled and e.mask_path is not None)
+        for e in examples
+    ]
+    repeats = [e for e in marked if e.is_labeled] * (int(oversample_rate) - 1)
+    return marked + repeats
+
+
+def training_examples(
+    manual_dir: str | os.PathLike,
+    split: str,
+    *,
+    labeled_split: str | None = None,
+    oversample_rate: int = 1,
+) -> list[VocExample]:
+    """The training list of one setting.
+
+    ``labeled_split`` None or '': every example with a mask is pixel-labelled. ``'none'``: no
+    example is (weak supervision; labels still come from the masks). A split name (e.g.
+    ``'train'``): only its ids are pixel-labelled, oversampled ``oversample_rate`` times.
+    """
+    examples = read_split(manual_dir, split)
+    if not labeled_split:
+        return examples
+    if str(labeled_split).lower() in NO_PIXEL_LABELS:
+        return [dataclasses.replace(e, is_labeled=False) for e in examples]
+    labeled_names = [e.name for e in read_split(manual_dir, labeled_split)]
+    return semi_supervised_examples(examples, labeled_names, oversample_rate)
+
+
+def load_image(path: str) -> np.ndarray:
+    """(H, W, 3) uint8 RGB image; DataError naming the file when missing or undecodable."""
+    try:
+        with epath.Path(path).open("rb") as handle, Image.open(handle) as image:
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise DataError(f"Image file not found: {path}.") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise DataError(
+            f"Cannot decode image {path} ({type(error).__name__}: {error}); the file is "
+            "corrupt or not an image; replace it or remove its id from the list file."
+        ) from None
+
+
+def load_mask(path: str) -> np.ndarray:
+    """(H, W) uint8 class-index mask from a palette or grey PNG; DataError naming the file."""
+    try:
+        with epath.Path(path).open("rb") as handle, Image.open(handle) as mask:
+            if mask.mode not in ("P", "L"):
+                raise DataError(
+                    f"Mask {path} has mode {mask.mode!r}; expected a palette ('P') or grey "
+                    "('L') PNG of class indices (VOC SegmentationClass format)."
+                )
+            return np.asarray(mask, dtype=np.uint8)
+    except FileNotFoundError:
+        raise DataError(f"Mask file not found: {path}.") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        if isinstance(error, DataError):
+            raise
+        raise DataError(
+            f"Cannot decode mask {path} ({type(error).__name__}: {error}); the file is corrupt "
+            "or not a PNG."
+        ) from None
+
+
+def labels_from_mask(mask: np.ndarray, num_classes: int) -> np.ndarray:
+    """(num_classes - 1,) float32 multi-hot of the foreground classes present in ``mask``.
+
+    0 (background) and 255 (ignore) do not count; other values >= num_classes are an error.
+    """
+    present = np.unique(mask)
+    present = present[(present != 0) & (present != IGNORE_LABEL)]
+    if present.size and present.max() >= num_classes:
+        raise DataError(
+            f"Mask holds class {int(present.max())} but num_classes is {num_classes}; set "
+            "config.model.num_classes to the dataset's class count (background included)."
+        )
+    labels = np.zeros((num_classes - 1,), np.float32)
+    labels[present.astype(np.int64) - 1] = 1.0
+    return labels
+
+
+def labels_from_class_ids(class_ids: Iterable[int], num_classes: int) -> np.ndarray:
+    """(num_classes - 1,) float32 multi-hot from foreground class ids (1..num_classes-1)."""
+    labels = np.zeros((num_classes - 1,), np.float32)
+    for class_id in class_ids:
+        if not 1 <= int(class_id) < num_classes:
+            raise DataError(
+                f"Image label {class_id} is outside the foreground classes 1..{num_classes - 1}."
+            )
+        labels[int(class_id) - 1] = 1.0
+    return labels
+
+
+def load_example(
+    example: VocExample,
+    num_classes: int,
+    image_labels: Mapping[str, Sequence[int]] | None = None,
+) -> dict[str, np.ndarray]:
+    """Decodes one example.
+
+    Returns {'image': (H, W, 3) uint8, 'mask': (H, W) uint8 (all 255 unless pixel-labelled),
+    'labels': (C-1,) float32, 'is_labeled': bool}. Image labels come from ``image_labels``
+    when it has the name, else from the mask on disk.
+    """
+    image = load_image(example.image_path)
+    height, width = image.shape[:2]
+    mask = None
+    if example.mask_path is not None:
+        mask = load_mask(example.mask_path)
+        if mask.shape != (height, width):
+            raise DataError(
+                f"Mask {example.mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image "
+                f"{example.image_path} is {width}x{height}."
+            )
+    if image_labels is not None and example.name in image_labels:
+        labels = labels_from_class_ids(image_labels[example.name], num_classes)
+    elif mask is not None:
+        labels = labels_from_mask(mask, num_classes)
+    else:
+        labels = np.zeros((num_classes - 1,), np.float32)
+    if mask is None or not example.is_labeled:
+        mask = np.full((height, width), IGNORE_LABEL, np.uint8)
+    return {
+        "image": image,
+        "mask": mask,
+        "labels": labels,
+        "is_labeled": bool(example.is_labeled),
+    }

@@ -1,0 +1,782 @@
+"""Multi-scale + flip inference, pseudo-label export, evaluation and ``--images`` photographs.
+
+Follows the reference inference scripts (``tools/infer_voc.py``, ``infer_voc_wo_cls.py``,
+``infer_coco.py``) step by step:
+
+1. For every scale ``s`` the uint8 photograph is resized with PIL bicubic to
+   ``(round(H*s), round(W*s))`` (NumPy rounding; scale-1 sizes are not resampled), then
+   ImageNet-normalised. The view and its horizontal mirror go through the single-view
+   ``mode='test'`` forward together.
+2. The mirrored view's masks are flipped back and *added* to the first view's; that sum is
+   resized to (H, W) (bilinear, align-corners). Class logits of the two views are averaged.
+3. Masks: sum over scales divided by ``2 * len(scales)``; class logits: mean over scales.
+4. Class presence: image labels when given, else ``sigmoid(cls) > fp_cut`` and among the
+   ``top_k`` highest scores. Absent foreground channels are zeroed, then the background channel
+   is raised to ``bg_pow`` (the ``semi_wo_cls`` variant skips both steps). Probabilities are
+   NOT renormalised before the argmax or the CRF, exactly as in the reference.
+5. Label map = argmax over classes; with ``use_crf`` the dense CRF refines the same adjusted
+   probabilities before the argmax (the reference writes both, to ``pred/`` and ``crf/``).
+
+Command line (plain JPG/PNG photographs, no ground truth)::
+
+    python -m slr_jax.infer --checkpoint CKPT_DIR --images FOLDER_OR_FILES --out OUT_DIR \
+        [--scales 1,1.5,2,0.5,0.75] [--crf] [--no-flip] [--save-probs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from slr_jax import evaluate
+from slr_jax.ops import resize_bilinear_align_corners
+
+DEFAULT_SCALES: tuple[float, ...] = (1.0, 1.5, 2.0, 0.5, 0.75)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+RESIZE_METHODS = ("pil_bicubic", "align_corners")
+CRF_KEYS = (
+    "n_iters",
+    "gaussian_sxy",
+    "gaussian_compat",
+    "bilateral_sxy",
+    "bilateral_srgb",
+    "bilateral_compat",
+)
+IGNORE_LABEL = 255
+# Reference command-line defaults (tools/infer_voc.py).
+DEFAULT_TEST = {
+    "scales": DEFAULT_SCALES,
+    "flip": True,
+    "num_iters": 1,
+    "fp_cut": 0.3,
+    "top_k": 6,
+    "bg_pow": 3.0,
+    "use_crf": False,
+    "use_image_labels": False,
+    "resize": "pil_bicubic",
+    "mode": "test",
+    "crf": {},
+    "class_pows": {},
+}
+
+ApplyFn = Callable[..., Mapping[str, Any]]
+
+
+class InferenceError(ValueError):
+    """Inference inputs (images, folders, settings) are missing, unreadable or inconsistent."""
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def normalise_image(image_uint8: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 -> (H, W, 3) float32 normalised; float64 maths as the reference."""
+    scaled = np.asarray(image_uint8, np.float64) / 255.0
+    return ((scaled - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
+
+
+def denormalise_to_uint8(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) normalised float -> uint8 RGB: ``round(255 * (x * std + mean))``, clipped."""
+    raw = np.asarray(image, np.float32) * np.float32(IMAGENET_STD) + np.float32(IMAGENET_MEAN)
+    return np.clip(np.round(255.0 * raw), 0, 255).astype(np.uint8)
+
+
+def reference_scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    """(round(H * s), round(W * s)) with NumPy rounding, as the reference's ``pil_rescale``."""
+    height, width = (int(np.round(size[0] * scale)), int(np.round(size[1] * scale)))
+    if height < 1 or width < 1:
+        raise InferenceError(
+            f"scale {scale} shrinks a {size[0]}x{size[1]} image to {height}x{width}; use larger "
+            "scales for images this small."
+        )
+    return height, width
+
+
+def _pil_bicubic(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """PIL bicubic resize of (H, W, 3) uint8 (as one RGB image) or float (channel by channel)."""
+    target = (size[1], size[0])
+    if image.dtype == np.uint8:
+        return np.asarray(Image.fromarray(image).resize(target, Image.Resampling.BICUBIC))
+    channels = [
+        np.asarray(
+            Image.fromarray(np.ascontiguousarray(image[..., c], np.float32)).resize(
+                target, Image.Resampling.BICUBIC
+            )
+        )
+        for c in range(image.shape[-1])
+    ]
+    return np.stack(channels, axis=-1).astype(np.float32)
+
+
+def scaled_input(image: np.ndarray, scale: float, resize: str = "pil_bicubic") -> np.ndarray:
+    """The normalised (h, w, 3) float32 network input of one scale.
+
+    ``image``: (H, W, 3) uint8 RGB (the reference path: PIL bicubic on the photograph, then
+    normalise) or float32 already normalised (PIL bicubic channel by channel in float, i.e.
+    without the 8-bit rounding). ``resize='align_corners'`` uses the model's bilinear resize
+    on the normalised image instead (no PIL; not the reference).
+    """
+    if resize not in RESIZE_METHODS:
+        raise InferenceError(f"unknown resize method {resize!r}; expected one of {RESIZE_METHODS}.")
+    size = reference_scaled_size(image.shape[:2], scale)
+    if image.dtype == np.uint8 and resize == "pil_bicubic":
+        return normalise_image(_pil_bicubic(image, size))
+    normalised = normalise_image(image) if image.dtype == np.uint8 else image
+    if size == normalised.shape[:2]:
+        return normalised
+    if resize == "pil_bicubic":
+        return _pil_bicubic(normalised, size)
+    resized = resize_bilinear_align_corners(jnp.asarray(normalised)[None], size)[0]
+    return np.asarray(resized, np.float32)
+
+
+def _check_image(image: Any) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise InferenceError(
+            f"image must be one (H, W, 3) RGB array, got shape {image.shape}; pass one image at "
+            "a time (drop the batch axis, convert grey or RGBA images to RGB)."
+        )
+    if image.dtype != np.uint8 and not np.issubdtype(image.dtype, np.floating):
+        raise InferenceError(
+            f"image must be uint8 RGB or float ImageNet-normalised, got dtype {image.dtype}."
+        )
+    if image.dtype != np.uint8:
+        image = image.astype(np.float32)
+    return image
+
+
+# ----------------------------------------------------------------------------- prediction
+
+_FORWARD_CACHE: dict[Any, Callable] = {}
+
+
+def _forward_fn(apply_fn: ApplyFn, mode: str) -> Callable:
+    """Jitted ``(variables, views (V,h,w,3), out_size) -> (cls (C-1,), masks sum (H,W,C))``.
+
+    One jitted function per (apply_fn, mode); XLA caches one executable per input shape.
+    """
+
+    def forward(variables, views, out_size):
+        outputs = apply_fn(variables, views, mode=mode)
+        masks = outputs["masks"].astype(jnp.float32)
+        cls = outputs["cls"].astype(jnp.float32)
+        masks_sum = masks[0]
+        if views.shape[0] == 2:
+            masks_sum = masks_sum + masks[1][:, ::-1]
+            class_logits = (cls[0] + cls[1]) / 2.0
+        else:
+            class_logits = cls[0]
+        resized = resize_bilinear_align_corners(masks_sum[None], out_size)[0]
+        return class_logits, resized
+
+    try:
+        key = (apply_fn, mode)
+        hash(key)
+    except TypeError:
+        return jax.jit(forward, static_argnums=2)
+    if key not in _FORWARD_CACHE:
+        if len(_FORWARD_CACHE) > 32:
+            _FORWARD_CACHE.clear()
+        _FORWARD_CACHE[key] = jax.jit(forward, static_argnums=2)
+    return _FORWARD_CACHE[key]
+
+
+def _check_scales(scales: Sequence[float]) -> tuple[float, ...]:
+    try:
+        scales = tuple(float(s) for s in scales)
+    except (TypeError, ValueError):
+        raise InferenceError(f"scales must be a sequence of numbers, got {scales!r}.") from None
+    if not scales or any(not np.isfinite(s) or s <= 0 for s in scales):
+        raise InferenceError(
+            f"scales must be a non-empty list of positive numbers, got {scales}; e.g. "
+            "(1.0, 1.5, 2.0, 0.5, 0.75)."
+        )
+    return scales
+
+
+def multiscale_predict(
+    apply_fn: ApplyFn,
+    variables: Any,
+    image: np.ndarray,
+    *,
+    scales: Sequence[float] = DEFAULT_SCALES,
+    flip: bool = True,
+    resize: str = "pil_bicubic",
+    mode: str = "test",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Multi-scale (+ mirrored) prediction of one image -> (cls (C-1,), masks (H, W, C)).
+
+    ``apply_fn(variables, images (B, h, w, 3), mode=mode)`` returns ``{'cls': (B, C-1),
+    'masks': (B, h, w, C)}`` (e.g. ``model.apply``; ``mode='test_two_view'`` is the
+    reference's co-clustering option). ``image``: (H, W, 3) uint8 RGB (exact reference
+    pre-processing) or float32 normalised. ``cls`` are logits averaged over views and scales;
+    ``masks`` are class probabilities averaged over all views at (H, W).
+    """
+    image = _check_image(image)
+    scales = _check_scales(scales)
+    out_size = tuple(int(d) for d in image.shape[:2])
+    forward = _forward_fn(apply_fn, mode)
+    masks_total, cls_total = None, None
+    for scale in scales:
+        view = scaled_input(image, scale, resize)
+        views = np.stack([view, view[:, ::-1]]) if flip else view[None]
+        cls, masks = forward(variables, jnp.asarray(views), out_size)
+        masks_total = masks if masks_total is None else masks_total + masks
+        cls_total = cls if cls_total is None else cls_total + cls
+    views_per_scale = 2 if flip else 1
+    masks_mean = np.asarray(masks_total / (views_per_scale * len(scales)), np.float32)
+    cls_mean = np.asarray(cls_total / len(scales), np.float32)
+    return cls_mean, masks_mean
+
+
+# ----------------------------------------------------------------------------- label maps
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """Float32 logistic function."""
+    x = np.asarray(x, np.float32)
+    return (np.float32(1.0) / (np.float32(1.0) + np.exp(-x))).astype(np.float32)
+
+
+def class_presence(cls: np.ndarray, *, fp_cut: float, top_k: int) -> np.ndarray:
+    """(C-1,) bool: ``sigmoid(cls) > fp_cut`` and at least the ``top_k``-th highest score."""
+    cls = np.asarray(cls, np.float32).reshape(-1)
+    if top_k < 1:
+        raise InferenceError(f"top_k must be >= 1, got {top_k}.")
+    scores = sigmoid(cls)
+    kth_best = np.sort(scores)[::-1][min(int(top_k), scores.size) - 1]
+    return (scores > fp_cut) & (scores >= kth_best)
+
+
+def adjust_probabilities(
+    cls: np.ndarray,
+    masks: np.ndarray,
+    *,
+    fp_cut: float = 0.3,
+    top_k: int = 6,
+    bg_pow: float = 3.0,
+    image_labels: np.ndarray | None = None,
+    filter_classes: bool = True,
+    class_pows: Mapping[int, float] | None = None,
+) -> np.ndarray:
+    """The reference's post-processing of averaged masks (H, W, C) -> (H, W, C) float32.
+
+    With ``filter_classes`` (all variants but ``semi_wo_cls``): foreground channels of absent
+    classes are zeroed (presence from ``image_labels`` (C-1,) multi-hot when given, else
+    :func:`class_presence`), then background ** ``bg_pow``. ``class_pows`` {class: power}
+    raises further channels afterwards (COCO reference: ``{1: 2 * bg_pow}`` for person).
+    """
+    probs = np.array(masks, dtype=np.float32, copy=True)
+    if probs.ndim != 3:
+        raise InferenceError(f"masks must be (H, W, C), got shape {probs.shape}.")
+    num_fg = probs.shape[-1] - 1
+    if filter_classes:
+        if image_labels is not None:
+            present = np.asarray(image_labels, np.float32).reshape(-1)
+        else:
+            cls = np.asarray(cls, np.float32).reshape(-1)
+            if cls.size != num_fg:
+                raise InferenceError(
+                    f"cls has {cls.size} scores but masks have {num_fg} foreground channels."
+                )
+            present = class_presence(cls, fp_cut=fp_cut, top_k=top_k).astype(np.float32)
+        if present.size != num_fg:
+            raise InferenceError(
+                f"image_labels has {present.size} entries but masks have {num_fg} foreground "
+                "channels; pass a (C-1,) multi-hot vector without background."
+            )
+        probs[..., 1:] *= present
+        probs[..., 0] = probs[..., 0] ** np.float32(bg_pow)
+    for class_id, power in (class_pows or {}).items():
+        if not 0 <= int(class_id) <= num_fg:
+            raise InferenceError(f"class_pows names class {class_id} outside 0..{num_fg}.")
+        probs[..., int(class_id)] = probs[..., int(class_id)] ** np.float32(power)
+    return probs
+
+
+def crf_settings(crf: Mapping[str, Any] | None) -> dict[str, float]:
+    """Validated keyword arguments for :func:`slr_jax.crf.dense_crf` (reference defaults)."""
+    crf = dict(crf or {})
+    unknown = sorted(set(crf) - set(CRF_KEYS))
+    if unknown:
+        raise InferenceError(f"unknown CRF settings {unknown}; expected some of {CRF_KEYS}.")
+    return crf
+
+
+def labels_from_probabilities(
+    probs: np.ndarray,
+    *,
+    use_crf: bool = False,
+    image_uint8: np.ndarray | None = None,
+    crf: Mapping[str, Any] | None = None,
+) -> np.ndarray:
+    """Argmax (H, W) uint8 of (H, W, C) probabilities, optionally after the dense CRF."""
+    if probs.shape[-1] > 256:
+        raise InferenceError(f"{probs.shape[-1]} classes do not fit a uint8 label map.")
+    if use_crf:
+        if image_uint8 is None:
+            raise InferenceError(
+                "use_crf=True needs image_uint8, the (H, W, 3) uint8 photograph the CRF's "
+                "bilateral term compares colours in."
+            )
+        from slr_jax.crf import dense_crf
+
+        # A writable copy: pydensecrf rejects read-only buffers (arrays viewing a PIL image).
+        image_uint8 = np.array(image_uint8, dtype=np.uint8, copy=True)
+        probs = dense_crf(image_uint8, probs, channels_last=True, **crf_settings(crf))
+    return np.argmax(probs, axis=-1).astype(np.uint8)
+
+
+def masks_to_labels(
+    cls: np.ndarray,
+    masks: np.ndarray,
+    *,
+    fp_cut: float = 0.3,
+    top_k: int = 6,
+    bg_pow: float = 3.0,
+    image_labels: np.ndarray | None = None,
+    use_crf: bool = False,
+    image_uint8: np.ndarray | None = None,
+    crf: Mapping[str, Any] | None = None,
+    filter_classes: bool = True,
+    class_pows: Mapping[int, float] | None = None,
+) -> np.ndarray:
+    """Label map (H, W) uint8 from cls (C-1,) logits and masks (H, W, C) probabilities.
+
+    :func:`adjust_probabilities`, then the optional dense CRF (``crf``: keyword arguments of
+    :func:`slr_jax.crf.dense_crf`; needs ``image_uint8`` (H, W, 3)), then argmax.
+    """
+    probs = adjust_probabilities(
+        cls,
+        masks,
+        fp_cut=fp_cut,
+        top_k=top_k,
+        bg_pow=bg_pow,
+        image_labels=image_labels,
+        filter_classes=filter_classes,
+        class_pows=class_pows,
+    )
+    return labels_from_probabilities(probs, use_crf=use_crf, image_uint8=image_uint8, crf=crf)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def voc_palette() -> list[int]:
+    """The 256-entry VOC colour palette, flat [r0, g0, b0, ...] (768 ints)."""
+    from slr_jax.data.voc import voc_palette as palette
+
+    return palette()
+
+
+def save_label_png(path: str | os.PathLike, labels: np.ndarray, palette: bool = True) -> Path:
+    """Writes (H, W) class indices as a PNG: palette mode 'P' in VOC colours, or grey 'L'.
+
+    Either way the stored pixel values are the class indices.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or labels.min(initial=0) < 0 or labels.max(initial=0) > 255:
+        raise InferenceError(
+            f"label map must be (H, W) with values 0..255, got shape {labels.shape}."
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(labels.astype(np.uint8))
+    if palette:
+        image = image.convert("P")
+        image.putpalette(voc_palette())
+    image.save(path)
+    return path
+
+
+def _safe_name(name: str) -> str:
+    name = str(name)
+    parts = Path(name).parts
+    if not name or Path(name).is_absolute() or ".." in parts:
+        raise InferenceError(
+            f"example name {name!r} cannot name an output file; use a relative id such as "
+            "'2007_000033'."
+        )
+    return name
+
+
+def export_pseudo_labels(
+    out_dir: str | os.PathLike,
+    name: str,
+    labels: np.ndarray,
+    *,
+    crf_labels: np.ndarray | None = None,
+    probs: np.ndarray | None = None,
+    palette: bool = True,
+) -> dict[str, Path]:
+    """Writes one example's outputs, as the reference lays them out.
+
+    ``out_dir/pred/<name>.png`` (argmax, no CRF), ``out_dir/crf/<name>.png`` when
+    ``crf_labels`` is given, ``out_dir/probs/<name>.npy`` (H, W, C) float32 when ``probs`` is
+    given. Returns the written paths by kind.
+    """
+    name = _safe_name(name)
+    out_dir = Path(out_dir)
+    written = {"pred": save_label_png(out_dir / "pred" / f"{name}.png", labels, palette)}
+    if crf_labels is not None:
+        written["crf"] = save_label_png(out_dir / "crf" / f"{name}.png", crf_labels, palette)
+    if probs is not None:
+        path = out_dir / "probs" / f"{name}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, np.asarray(probs, np.float32))
+        written["probs"] = path
+    return written
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate_predictions(
+    predictions: Mapping[str, np.ndarray] | str | os.PathLike,
+    ground_truth: Mapping[str, np.ndarray] | str | os.PathLike,
+    num_classes: int,
+    ids: Sequence[str] | None = None,
+    ignore_index: int = IGNORE_LABEL,
+) -> dict[str, Any]:
+    """mIoU and per-class scores (``slr_jax.evaluate.segmentation_scores``).
+
+    Either two folders of ``<id>.png`` label maps (``evaluate_folders``) or two mappings
+    id -> (H, W) label map; ``ids`` None means every prediction.
+    """
+    if isinstance(predictions, (str, os.PathLike)) or isinstance(ground_truth, (str, os.PathLike)):
+        if not (
+            isinstance(predictions, (str, os.PathLike))
+            and isinstance(ground_truth, (str, os.PathLike))
+        ):
+            raise InferenceError("pass either two folders or two mappings, not one of each.")
+        return evaluate.evaluate_folders(predictions, ground_truth, ids, num_classes, ignore_index)
+    ids = list(predictions) if ids is None else list(ids)
+    if not ids:
+        raise InferenceError("no predictions to evaluate.")
+    missing = [i for i in ids if i not in ground_truth or i not in predictions]
+    if missing:
+        raise InferenceError(f"{len(missing)} ids lack a prediction or ground truth: {missing[:5]}")
+    accumulator = evaluate.ConfusionAccumulator(num_classes, ignore_index)
+    for image_id in ids:
+        accumulator.update(np.asarray(predictions[image_id]), np.asarray(ground_truth[image_id]))
+    return accumulator.result()
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def inference_settings(cfg: Any) -> dict[str, Any]:
+    """``cfg.test`` merged over :data:`DEFAULT_TEST` as a plain dict (``cfg`` may lack it)."""
+    section = getattr(cfg, "test", None)
+    if section is None and isinstance(cfg, Mapping):
+        section = cfg.get("test")
+    settings = dict(DEFAULT_TEST)
+    if section is not None:
+        items = section.to_dict() if hasattr(section, "to_dict") else dict(section)
+        unknown = sorted(set(items) - set(DEFAULT_TEST))
+        if unknown:
+            raise InferenceError(
+                f"unknown config.test keys {unknown}; expected some of {sorted(DEFAULT_TEST)}."
+            )
+        settings.update(items)
+    settings["scales"] = _check_scales(settings["scales"])
+    settings["crf"] = crf_settings(settings["crf"])
+    settings["class_pows"] = {int(k): float(v) for k, v in dict(settings["class_pows"]).items()}
+    return settings
+
+
+def _model_settings(cfg: Any) -> Any:
+    return cfg.model if hasattr(cfg, "model") else cfg["model"]
+
+
+def _example_fields(example: Mapping[str, Any]) -> dict[str, Any] | None:
+    """One example (or an eval batch of one) -> name, uint8 image, labels, mask; None = padding."""
+
+    def single(key):
+        value = example.get(key)
+        if value is None:
+            return None
+        value = np.asarray(value)
+        return value[0] if batched and value.ndim > 0 else value
+
+    image = np.asarray(example["image"]) if "image" in example else None
+    if image is None:
+        raise InferenceError("each example needs an 'image' (H, W, 3) entry.")
+    batched = image.ndim == 4
+    if batched and image.shape[0] != 1:
+        raise InferenceError(
+            f"examples must come one at a time (batch size 1), got a batch of {image.shape[0]}."
+        )
+    valid = single("is_valid")
+    if valid is not None and not bool(valid):
+        return None
+    name = single("name")
+    if name is None:
+        raise InferenceError("each example needs a 'name' to name its output files.")
+    name = name.decode() if isinstance(name.item(), bytes) else str(name.item())
+    image = single("image")
+    raw = single("raw_image")
+    if image.dtype == np.uint8:
+        image_uint8 = image
+    elif raw is not None:
+        image_uint8 = np.clip(np.round(255.0 * raw.astype(np.float32)), 0, 255).astype(np.uint8)
+    else:
+        image_uint8 = denormalise_to_uint8(image)
+    return {
+        "name": name,
+        "image_uint8": _check_image(image_uint8),
+        "labels": single("labels"),
+        "mask": single("mask"),
+    }
+
+
+def run_inference(
+    cfg: Any,
+    variables: Any,
+    examples: Iterable[Mapping[str, Any]],
+    out_dir: str | os.PathLike,
+    *,
+    apply_fn: ApplyFn | None = None,
+    save_probs: bool = False,
+    palette: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Predicts, exports and (where ground truth exists) scores every example.
+
+    ``examples``: dicts with ``name`` and ``image`` ((H, W, 3) uint8, or the evaluation
+    pipeline's batches of one with normalised ``image`` and ``raw_image``), optionally
+    ``labels`` (C-1,) and ``mask`` (H, W) ground truth (255 = ignore). The model is built from
+    ``cfg.model`` with ``cfg.test.num_iters`` unless ``apply_fn`` is given. Returns
+    {'num_images', 'num_scored', 'out_dir', 'scores': {'pred': ..., 'crf': ...} (images with
+    ground truth), 'confusions': {'pred': (C, C) int64, ...} (for summing over processes)}.
+    """
+    settings = inference_settings(cfg)
+    model_cfg = _model_settings(cfg)
+    variant = model_cfg.get("variant", "wsss")
+    num_classes = int(model_cfg.get("num_classes", 21))
+    if apply_fn is None:
+        from slr_jax.models import build_model
+
+        model = build_model(model_cfg).clone(num_iters=int(settings["num_iters"]))
+        apply_fn = model.apply
+    filter_classes = variant != "semi_wo_cls"
+    accumulators = {"pred": evaluate.ConfusionAccumulator(num_classes)}
+    if settings["use_crf"]:
+        accumulators["crf"] = evaluate.ConfusionAccumulator(num_classes)
+    scored = 0
+    count = 0
+    for example in examples:
+        fields = _example_fields(example)
+        if fields is None:
+            continue
+        image_uint8 = fields["image_uint8"]
+        cls, masks = multiscale_predict(
+            apply_fn,
+            variables,
+            image_uint8,
+            scales=settings["scales"],
+            flip=bool(settings["flip"]),
+            resize=settings["resize"],
+            mode=settings["mode"],
+        )
+        image_labels = fields["labels"] if settings["use_image_labels"] else None
+        if settings["use_image_labels"] and image_labels is None:
+            raise InferenceError(
+                f"{fields['name']}: config.test.use_image_labels is set but the example has no "
+                "'labels'; turn it off to use predicted class presence."
+            )
+        probs = adjust_probabilities(
+            cls,
+            masks,
+            fp_cut=float(settings["fp_cut"]),
+            top_k=int(settings["top_k"]),
+            bg_pow=float(settings["bg_pow"]),
+            image_labels=image_labels,
+            filter_classes=filter_classes,
+            class_pows=settings["class_pows"],
+        )
+        outputs = {"pred": labels_from_probabilities(probs)}
+        if settings["use_crf"]:
+            outputs["crf"] = labels_from_probabilities(
+                probs, use_crf=True, image_uint8=image_uint8, crf=settings["crf"]
+            )
+        export_pseudo_labels(
+            out_dir,
+            fields["name"],
+            outputs["pred"],
+            crf_labels=outputs.get("crf"),
+            probs=probs if save_probs else None,
+            palette=palette,
+        )
+        gt = fields["mask"]
+        if gt is not None and (np.asarray(gt) != IGNORE_LABEL).any():
+            for kind, labels in outputs.items():
+                accumulators[kind].update(labels, np.asarray(gt))
+            scored += 1
+        count += 1
+        if log is not None:
+            log(f"{fields['name']}: {image_uint8.shape[1]}x{image_uint8.shape[0]}")
+    scores = {kind: acc.result() for kind, acc in accumulators.items()} if scored else {}
+    confusions = {kind: acc.confusion.copy() for kind, acc in accumulators.items()}
+    return {
+        "num_images": count,
+        "num_scored": scored,
+        "out_dir": Path(out_dir),
+        "scores": scores,
+        "confusions": confusions,
+    }
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def collect_image_paths(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Image files named directly or found (non-recursively) in folders, sorted per folder."""
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(
+                p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+            if not found:
+                raise InferenceError(
+                    f"folder {path} holds no images (looked for {', '.join(IMAGE_SUFFIXES)})."
+                )
+            paths.extend(found)
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise InferenceError(f"{path} is neither an image file nor a folder.")
+    if not paths:
+        raise InferenceError("no images given; pass --images FOLDER or --images a.jpg b.png.")
+    stems: dict[str, Path] = {}
+    for path in paths:
+        if path.stem in stems:
+            raise InferenceError(
+                f"{stems[path.stem]} and {path} would both write {path.stem}.png; rename one or "
+                "run them separately."
+            )
+        stems[path.stem] = path
+    return paths
+
+
+def read_photograph(path: str | os.PathLike) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of a JPG/PNG photograph; InferenceError when it cannot be decoded."""
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise InferenceError(
+            f"cannot read image {path} ({type(error).__name__}: {error}); it is not a readable "
+            "JPG/PNG, remove it or convert it."
+        ) from None
+
+
+def _photographs(paths: Sequence[Path]) -> Iterable[dict[str, Any]]:
+    for path in paths:
+        yield {"name": path.stem, "image": read_photograph(path)}
+
+
+def _parse_scales(text: str) -> tuple[float, ...]:
+    try:
+        return _check_scales([float(s) for s in text.split(",") if s.strip()])
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"--scales expects comma-separated positive numbers such as 1,0.5,1.5 ({error})"
+        ) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of ``python -m slr_jax.infer``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m slr_jax.infer",
+        description="Segment photographs with an SLRNet checkpoint; writes label PNGs.",
+    )
+    parser.add_argument("--checkpoint", required=True, help="variables checkpoint folder")
+    parser.add_argument("--images", required=True, nargs="+", help="image files or folders")
+    parser.add_argument("--out", required=True, help="output folder (pred/, crf/, probs/)")
+    parser.add_argument("--scales", type=_parse_scales, default=DEFAULT_SCALES)
+    parser.add_argument("--no-flip", action="store_true", help="skip the mirrored views")
+    parser.add_argument("--crf", action="store_true", help="also write dense-CRF labels to crf/")
+    parser.add_argument("--fp-cut", type=float, default=DEFAULT_TEST["fp_cut"])
+    parser.add_argument("--top-k", type=int, default=DEFAULT_TEST["top_k"])
+    parser.add_argument(
+        "--bg-pow", type=float, default=None, help="default 3 (wsss, coco) or 1 (semi variants)"
+    )
+    parser.add_argument("--num-iters", type=int, default=1, help="low-rank iterations")
+    parser.add_argument("--save-probs", action="store_true", help="write probs/<name>.npy")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Command entry; returns run_inference's summary. Raises InferenceError / CheckpointError."""
+    from slr_jax.checkpoint import check_tree_shapes, load_variables
+    from slr_jax.models import build_model, variable_shapes
+
+    args = build_parser().parse_args(argv)
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_dir():
+        raise InferenceError(
+            f"checkpoint folder {checkpoint} does not exist; pass the folder written by "
+            "`python -m slr_jax.convert` or slr_jax.checkpoint.save_variables."
+        )
+    paths = collect_image_paths(args.images)
+    variables, metadata = load_variables(checkpoint)
+    missing = [k for k in ("variant", "num_classes", "width") if k not in metadata]
+    if missing:
+        raise InferenceError(
+            f"checkpoint {checkpoint} metadata lacks {missing}; re-save it with "
+            "save_variables(..., metadata={'variant', 'num_classes', 'width', ...})."
+        )
+    model_cfg = {k: metadata[k] for k in ("variant", "num_classes", "width")}
+    model_cfg["num_iters"] = args.num_iters
+    model = build_model(model_cfg)
+    check_tree_shapes(variable_shapes(model), variables, f"checkpoint {checkpoint}")
+    bg_pow = args.bg_pow
+    if bg_pow is None:
+        bg_pow = 1.0 if str(metadata["variant"]).startswith("semi") else 3.0
+    cfg = {
+        "model": model_cfg,
+        "test": {
+            "scales": args.scales,
+            "flip": not args.no_flip,
+            "num_iters": args.num_iters,
+            "fp_cut": args.fp_cut,
+            "top_k": args.top_k,
+            "bg_pow": bg_pow,
+            "use_crf": args.crf,
+        },
+    }
+    summary = run_inference(
+        cfg,
+        variables,
+        _photographs(paths),
+        args.out,
+        apply_fn=model.apply,
+        save_probs=args.save_probs,
+        log=print,
+    )
+    print(f"wrote {summary['num_images']} label maps to {Path(args.out) / 'pred'}")
+    return summary
+
+
+if __name__ == "__main__":
+    from slr_jax.checkpoint import CheckpointError
+
+    try:
+        main()
+    except (InferenceError, CheckpointError) as err:
+        sys.exit(f"error: {err}")

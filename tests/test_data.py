@@ -1,0 +1,469 @@
+"""slr_jax.data: synthetic set, VOC reader, reference transforms and the tf.data pipelines."""
+
+import importlib.util
+import itertools
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from slr_jax.data import pipeline, transforms, voc
+from slr_jax.data.synthetic import make_synthetic_examples, write_synthetic_voc
+from slr_jax.data.voc import IGNORE_LABEL, DataError
+
+NUM_CLASSES = 5
+SIZE = (40, 48)
+CROP = 32
+NUM_TRAIN, NUM_VAL = 10, 3
+
+
+@pytest.fixture(scope="module")
+def voc_root(tmp_path_factory):
+    """A synthetic dataset written in VOC layout (shared, read-only)."""
+    root = tmp_path_factory.mktemp("voc")
+    return write_synthetic_voc(
+        root, num_train=NUM_TRAIN, num_val=NUM_VAL, size=SIZE, num_classes=NUM_CLASSES, seed=3
+    )
+
+
+def make_config(manual_dir, **dataset_overrides):
+    dataset = dict(
+        name="voc",
+        manual_dir=str(manual_dir),
+        train_split="train_aug",
+        val_split="val",
+        crop_size=CROP,
+        scale_range=(0.9, 1.0),
+    )
+    dataset.update(dataset_overrides)
+    return ml_collections.ConfigDict(
+        dict(
+            seed=0,
+            model=dict(num_classes=NUM_CLASSES),
+            train=dict(batch_size=4),
+            dataset=dataset,
+        )
+    )
+
+
+def take(iterator, count):
+    return list(itertools.islice(iterator, count))
+
+
+def single_process_train(cfg):
+    return pipeline.train_dataset(cfg, process_index=0, process_count=1)
+
+
+def single_process_eval(cfg, **kwargs):
+    return list(pipeline.eval_dataset(cfg, process_index=0, process_count=1, **kwargs))
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_examples_are_deterministic_and_well_formed():
+    first = make_synthetic_examples(4, SIZE, NUM_CLASSES, seed=7)
+    again = make_synthetic_examples(6, SIZE, NUM_CLASSES, seed=7)[:4]
+    other = make_synthetic_examples(4, SIZE, NUM_CLASSES, seed=8)
+    for a, b in zip(first, again):
+        assert a["name"] == b["name"]
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["mask"], b["mask"])
+    assert not np.array_equal(first[0]["image"], other[0]["image"])
+    for example in first:
+        assert example["image"].shape == (*SIZE, 3) and example["image"].dtype == np.uint8
+        assert example["mask"].shape == SIZE and example["mask"].dtype == np.uint8
+        values = set(np.unique(example["mask"]).tolist())
+        assert values <= set(range(NUM_CLASSES)) | {IGNORE_LABEL}
+        assert values & set(range(1, NUM_CLASSES)), "every image shows a foreground class"
+        assert IGNORE_LABEL in values, "shape outlines are marked ignore"
+
+
+def test_synthetic_classes_have_distinct_colours():
+    """Learnability: the mean colour of a class is far from the other classes'."""
+    examples = make_synthetic_examples(30, 48, NUM_CLASSES, seed=0)
+    means = {}
+    for class_id in range(1, NUM_CLASSES):
+        pixels = [e["image"][e["mask"] == class_id] for e in examples]
+        means[class_id] = np.concatenate(pixels).astype(np.float32).mean(0)
+    for a, b in itertools.combinations(means, 2):
+        assert np.abs(means[a] - means[b]).max() > 40, (a, b, means[a], means[b])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_classes=1), "num_classes counts the background"),
+        (dict(size=4), "size must be"),
+        (dict(num_examples=-1), "num_examples must be >= 0"),
+    ],
+)
+def test_synthetic_rejects_bad_arguments(kwargs, message):
+    args = dict(num_examples=2, size=32, num_classes=3, seed=0) | kwargs
+    with pytest.raises(ValueError, match=message):
+        make_synthetic_examples(**args)
+
+
+# ----------------------------------------------------------------------------- VOC reader
+
+
+def test_voc_folder_round_trip(voc_root):
+    originals = make_synthetic_examples(NUM_TRAIN, SIZE, NUM_CLASSES, seed=3)
+    examples = voc.read_split(voc_root, "train_aug")
+    assert [e.name for e in examples] == [o["name"] for o in originals]
+    assert all(Path(e.mask_path).parent.name == "SegmentationClassAug" for e in examples)
+    for example, original in zip(examples, originals):
+        loaded = voc.load_example(example, NUM_CLASSES)
+        np.testing.assert_array_equal(loaded["mask"], original["mask"])  # PNG is lossless
+        error = np.abs(loaded["image"].astype(int) - original["image"].astype(int)).mean()
+        assert error < 4.0, f"JPEG round trip too lossy: mean abs error {error}"
+        np.testing.assert_array_equal(
+            loaded["labels"], voc.labels_from_mask(original["mask"], NUM_CLASSES)
+        )
+    assert len(voc.read_split(voc_root, "val")) == NUM_VAL
+    # A palette PNG keeps the class indices (not colours) as pixel values.
+    with Image.open(examples[0].mask_path) as mask:
+        assert mask.mode == "P"
+
+
+def test_voc_root_may_be_the_devkit_parent(voc_root, tmp_path):
+    (tmp_path / "VOCdevkit").mkdir()
+    (tmp_path / "VOCdevkit" / "VOC2012").symlink_to(voc_root, target_is_directory=True)
+    assert voc.resolve_voc_root(tmp_path) == tmp_path / "VOCdevkit" / "VOC2012"
+
+
+def test_two_column_list_file_like_the_reference(voc_root, tmp_path):
+    names = [e.name for e in voc.read_split(voc_root, "val")]
+    lines = [f"JPEGImages/{n}.jpg /SegmentationClass/{n}.png" for n in names]
+    list_file = tmp_path / "val_voc.txt"
+    list_file.write_text("\n".join(lines) + "\n")
+    examples = voc.read_split(voc_root, str(list_file))
+    assert [e.name for e in examples] == names
+    assert examples[0].mask_path == str(voc_root / "SegmentationClass" / f"{names[0]}.png")
+
+
+def test_labels_from_mask_excludes_background_and_ignore():
+    mask = np.array([[0, 3, 255], [3, 1, 0]], np.uint8)
+    np.testing.assert_array_equal(voc.labels_from_mask(mask, 5), [1, 0, 1, 0])
+    only_ignore = np.array([[0, 255]], np.uint8)
+    np.testing.assert_array_equal(voc.labels_from_mask(only_ignore, 5), [0, 0, 0, 0])
+    with pytest.raises(DataError, match="Mask holds class 7 but num_classes is 5"):
+        voc.labels_from_mask(np.array([[7]], np.uint8), 5)
+
+
+def test_given_image_labels_override_the_mask(voc_root):
+    example = voc.read_split(voc_root, "val")[0]
+    loaded = voc.load_example(example, NUM_CLASSES, image_labels={example.name: [2, 4]})
+    np.testing.assert_array_equal(loaded["labels"], [0, 1, 0, 1])
+    with pytest.raises(DataError, match="outside the foreground classes 1..4"):
+        voc.load_example(example, NUM_CLASSES, image_labels={example.name: [5]})
+
+
+def test_missing_folder_names_the_expected_path(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DataError, match=r"does not exist; expected .*nowhere/JPEGImages"):
+        single_process_eval(make_config(missing))
+    (missing / "other").mkdir(parents=True)
+    with pytest.raises(DataError, match="has no JPEGImages/ folder"):
+        voc.resolve_voc_root(missing)
+
+
+def test_missing_list_file_names_the_expected_path(voc_root, tmp_path):
+    root = tmp_path / "voc"
+    (root / "JPEGImages").mkdir(parents=True)
+    with pytest.raises(DataError) as error:
+        pipeline.train_examples(make_config(root))
+    message = str(error.value)
+    assert "split 'train_aug' not found" in message
+    assert str(root / "ImageSets" / "Segmentation" / "train_aug.txt") in message
+    assert "SBD" in message
+    with pytest.raises(DataError, match="Unknown VOC split 'tran'"):
+        voc.read_split(voc_root, "tran")
+
+
+def test_missing_listed_image_is_reported_before_training(voc_root, tmp_path):
+    root = tmp_path / "voc"
+    write_synthetic_voc(root, num_train=3, num_val=1, size=24, num_classes=3, seed=0)
+    victim = sorted((root / "JPEGImages").glob("*.jpg"))[0]
+    victim.unlink()
+    with pytest.raises(DataError, match=f"1 listed file.* do not exist, e.g. {victim}"):
+        pipeline.train_examples(make_config(root))
+
+
+def test_corrupt_jpeg_error_names_the_file(tmp_path):
+    root = tmp_path / "voc"
+    write_synthetic_voc(root, num_train=4, num_val=2, size=24, num_classes=3, seed=0)
+    victim = sorted((root / "JPEGImages").glob("*.jpg"))[0]
+    victim.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    cfg = make_config(root)
+    cfg.model.num_classes = 3
+    cfg.dataset.crop_size = 16
+    cfg.train.batch_size = 2
+    with pytest.raises(DataError) as error:
+        single_process_eval(cfg, split="train")
+    assert f"Cannot decode image {victim}" in str(error.value)
+    with pytest.raises(DataError, match=f"Cannot decode image {victim}"):
+        take(single_process_train(cfg), 2)
+
+
+def test_rgb_mask_is_rejected(tmp_path):
+    path = tmp_path / "mask.png"
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(path)
+    with pytest.raises(DataError, match="has mode 'RGB'; expected a palette"):
+        voc.load_mask(str(path))
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def test_crop_box_respects_scale_and_ratio():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        top, left, h, w = transforms.sample_crop_box(rng, 120, 90, (0.9, 1.0), (3 / 4, 4 / 3))
+        assert 0 <= top and top + h <= 120 and 0 <= left and left + w <= 90
+        assert 0.85 <= h * w / (120 * 90) <= 1.0 + 1e-6
+    # A very wide image never fits the ratio range: centre crop clamped to ratio 4/3.
+    assert transforms.sample_crop_box(rng, 10, 100, (0.9, 1.0)) == (0, 43, 10, 13)
+
+
+def test_train_transform_flip_and_crop_keep_image_and_mask_aligned():
+    example = make_synthetic_examples(1, 40, NUM_CLASSES, seed=1)[0]
+    out = transforms.train_transform(
+        example["image"], example["mask"], np.random.default_rng(5), crop_size=40,
+        scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_prob=1.0, jitter=None,
+    )  # fmt: skip
+    np.testing.assert_array_equal(out["mask"], example["mask"][:, ::-1])
+    np.testing.assert_allclose(out["raw_image"] * 255.0, example["image"][:, ::-1], atol=1e-3)
+    np.testing.assert_allclose(
+        out["image"], (out["raw_image"] - transforms.IMAGENET_MEAN) / transforms.IMAGENET_STD,
+        rtol=1e-6, atol=1e-6,
+    )  # fmt: skip
+
+
+def torchvision_pil_ops(monkeypatch):
+    """torchvision's PIL-backend ops (the code the reference's transforms run).
+
+    A torchvision wheel built for another torch fails to import its C ops; the PIL backend
+    needs none, so it is then loaded from its source file under stub parent packages.
+    """
+    try:
+        import torchvision.transforms._functional_pil as pil_ops
+
+        return pil_ops
+    except Exception:  # absent, or a build that does not match torch
+        pass
+    try:
+        spec = importlib.util.find_spec("torchvision")
+    except Exception:
+        spec = None
+    if spec is None or spec.origin is None:
+        pytest.skip("torchvision is not installed")
+    base = Path(spec.origin).parent
+    for name, folder in (("torchvision", base), ("torchvision.transforms", base / "transforms")):
+        package = types.ModuleType(name)
+        package.__path__ = [str(folder)]
+        monkeypatch.setitem(sys.modules, name, package)
+
+    def load(name, path):
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        monkeypatch.setitem(sys.modules, name, module)
+        module_spec.loader.exec_module(module)
+        return module
+
+    load("torchvision.utils", base / "utils.py")
+    return load("torchvision.transforms._functional_pil", base / "transforms/_functional_pil.py")
+
+
+def test_transforms_match_torchvision(monkeypatch):
+    """Same box and jitter draws as torchvision's functional ops -> the same pixels."""
+    pil_ops = torchvision_pil_ops(monkeypatch)
+    image = Image.fromarray(make_synthetic_examples(1, (50, 60), NUM_CLASSES, seed=2)[0]["image"])
+    top, left, height, width = box = (3, 5, 44, 51)
+    ours = transforms.resized_crop(image, box, (32, 29), Image.Resampling.BICUBIC)
+    theirs = pil_ops.resize(pil_ops.crop(image, top, left, height, width), [32, 29], Image.BICUBIC)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+    mask = Image.fromarray(make_synthetic_examples(1, (50, 60), NUM_CLASSES, seed=2)[0]["mask"])
+    ours = transforms.resized_crop(mask, box, (32, 29), Image.Resampling.NEAREST)
+    theirs = pil_ops.resize(pil_ops.crop(mask, top, left, height, width), [32, 29], Image.NEAREST)
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+
+    adjust = (
+        pil_ops.adjust_brightness, pil_ops.adjust_contrast, pil_ops.adjust_saturation,
+        pil_ops.adjust_hue,
+    )  # fmt: skip
+    for order, factors, hue in [
+        ((2, 0, 3, 1), (1.2, 0.8, 1.25), -0.07),
+        ((3, 1, 0, 2), (0.75, 1.3, 0.7), 0.093),
+    ]:
+        ours = transforms.apply_colour_jitter(image, order, factors, hue)
+        theirs = image
+        for op in order:
+            theirs = adjust[op](theirs, (*factors, hue)[op])
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+# ----------------------------------------------------------------------------- pipelines
+
+
+def check_train_batch(batch, batch_size):
+    assert set(batch) == {"image", "raw_image", "labels", "mask", "is_labeled"}
+    assert batch["image"].shape == (batch_size, CROP, CROP, 3)
+    assert batch["image"].dtype == np.float32
+    assert batch["raw_image"].shape == (batch_size, CROP, CROP, 3)
+    assert batch["raw_image"].dtype == np.float32
+    assert batch["labels"].shape == (batch_size, NUM_CLASSES - 1)
+    assert batch["labels"].dtype == np.float32
+    assert batch["mask"].shape == (batch_size, CROP, CROP) and batch["mask"].dtype == np.int32
+    assert batch["is_labeled"].shape == (batch_size,) and batch["is_labeled"].dtype == bool
+    raw = batch["raw_image"]
+    assert raw.min() >= 0.0 and raw.max() <= 1.0
+    np.testing.assert_allclose(
+        batch["image"] * transforms.IMAGENET_STD + transforms.IMAGENET_MEAN, raw, atol=1e-5
+    )
+    assert set(np.unique(batch["labels"]).tolist()) <= {0.0, 1.0}
+    assert set(np.unique(batch["mask"]).tolist()) <= set(range(NUM_CLASSES)) | {IGNORE_LABEL}
+
+
+def test_train_pipeline_batches(voc_root):
+    batches = take(single_process_train(make_config(voc_root)), 6)  # > 2 epochs of 10
+    for batch in batches:
+        check_train_batch(batch, 4)
+        assert batch["is_labeled"].all()
+        for mask, labels in zip(batch["mask"], batch["labels"]):
+            present = set(np.unique(mask).tolist()) - {0, IGNORE_LABEL}
+            # The crop keeps >= 90% of the image, so classes in the crop are in the labels.
+            assert present <= {c + 1 for c in np.flatnonzero(labels)}
+            assert present, "a >= 90% crop keeps some foreground"
+        assert (batch["mask"] == IGNORE_LABEL).any(), "object outlines stay ignore"
+    # The colour jitter runs on every example: the crops are not plain resizes of the input.
+    assert np.std([b["raw_image"].mean() for b in batches]) > 0
+
+
+def test_train_pipeline_is_seeded(voc_root):
+    cfg = make_config(voc_root)
+    first = take(single_process_train(cfg), 3)
+    again = take(single_process_train(cfg), 3)
+    cfg.seed = 1
+    other = take(single_process_train(cfg), 3)
+    for a, b in zip(first, again):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    assert not np.array_equal(first[0]["image"], other[0]["image"])
+
+
+def test_train_pipeline_shards_over_processes(voc_root):
+    cfg = make_config(voc_root)
+    shards = [
+        take(pipeline.train_dataset(cfg, process_index=i, process_count=2), 1)[0] for i in (0, 1)
+    ]
+    for shard in shards:
+        check_train_batch(shard, 2)  # global batch 4 over 2 processes
+    assert not np.array_equal(shards[0]["image"], shards[1]["image"])
+    cfg.train.batch_size = 3
+    with pytest.raises(ValueError, match="batch_size 3 is not divisible by the 2 processes"):
+        pipeline.train_dataset(cfg, process_index=0, process_count=2)
+
+
+def test_semi_supervised_mixing_and_oversampling(voc_root, tmp_path):
+    names = [e.name for e in voc.read_split(voc_root, "train_aug")]
+    labelled = names[-3:]
+    list_file = tmp_path / "labelled.txt"
+    list_file.write_text("\n".join(labelled) + "\n")
+    cfg = make_config(voc_root, labeled_split=str(list_file), oversample_rate=4)
+
+    examples = pipeline.train_examples(cfg)
+    assert len(examples) == NUM_TRAIN + 3 * 3
+    counts = {n: sum(e.name == n for e in examples) for n in names}
+    assert all(counts[n] == (4 if n in labelled else 1) for n in names)
+    assert all(e.is_labeled == (e.name in labelled) for e in examples)
+
+    cfg.train.batch_size = 19  # one batch = one oversampled epoch
+    batch = take(single_process_train(cfg), 1)[0]
+    check_train_batch(batch, 19)
+    assert batch["is_labeled"].sum() == 12
+    for is_labeled, mask, labels in zip(batch["is_labeled"], batch["mask"], batch["labels"]):
+        if is_labeled:
+            assert set(np.unique(mask).tolist()) - {0, IGNORE_LABEL}
+        else:
+            assert (mask == IGNORE_LABEL).all(), "unlabelled examples carry no pixel labels"
+            assert labels.sum() > 0, "they keep their image labels"
+
+
+def test_weak_setting_has_no_pixel_labels(voc_root):
+    cfg = make_config(voc_root, labeled_split="none")
+    batch = take(single_process_train(cfg), 1)[0]
+    check_train_batch(batch, 4)
+    assert not batch["is_labeled"].any() and (batch["mask"] == IGNORE_LABEL).all()
+    assert batch["labels"].sum(axis=1).min() > 0
+
+
+def test_semi_labelled_ids_must_belong_to_the_training_list(voc_root):
+    examples = voc.read_split(voc_root, "train_aug")
+    with pytest.raises(DataError, match="1 pixel-labelled id.* not in the training list"):
+        voc.semi_supervised_examples(examples, ["not_an_id"], 2)
+    with pytest.raises(DataError, match="oversample_rate must be an integer >= 1"):
+        voc.semi_supervised_examples(examples, [], 0)
+
+
+def test_eval_pipeline_full_size_with_names(voc_root):
+    cfg = make_config(voc_root)
+    batches = single_process_eval(cfg)
+    originals = make_synthetic_examples(NUM_VAL, SIZE, NUM_CLASSES, seed=4)
+    assert [b["name"][0] for b in batches] == [o["name"] for o in originals]
+    for batch, original in zip(batches, originals):
+        assert batch["image"].shape == (1, *SIZE, 3) and batch["image"].dtype == np.float32
+        assert batch["raw_image"].shape == (1, *SIZE, 3)
+        np.testing.assert_array_equal(batch["size"], [SIZE])
+        np.testing.assert_array_equal(batch["mask"][0], original["mask"])
+        assert batch["mask"].dtype == np.int32
+        np.testing.assert_array_equal(
+            batch["labels"][0], voc.labels_from_mask(original["mask"], NUM_CLASSES)
+        )
+        assert batch["is_labeled"].all() and batch["is_valid"].all()
+
+
+def test_eval_pipeline_pads_short_shards(voc_root):
+    cfg = make_config(voc_root)
+    shards = [list(pipeline.eval_dataset(cfg, process_index=i, process_count=2)) for i in (0, 1)]
+    assert [len(s) for s in shards] == [2, 2]  # 3 images over 2 processes, padded
+    valid = [b["name"][0] for s in shards for b in s if b["is_valid"][0]]
+    assert sorted(valid) == sorted(e.name for e in voc.read_split(voc_root, "val"))
+    assert [b["is_valid"][0] for b in shards[1]] == [True, False]
+
+
+def test_synthetic_config_writes_and_reads_its_folder(tmp_path):
+    cfg = make_config(tmp_path / "shapes", name="synthetic", num_train=5, num_val=2, image_size=36)
+    batch = take(single_process_train(cfg), 1)[0]
+    check_train_batch(batch, 4)
+    assert (tmp_path / "shapes" / "JPEGImages").is_dir()
+    assert [b["size"][0].tolist() for b in single_process_eval(cfg)] == [[36, 36]] * 2
+    cfg.dataset.num_val = 3  # other arguments: the folder is written again
+    assert len(single_process_eval(cfg)) == 3
+    with pytest.raises(DataError, match="is not empty and is not a synthetic dataset folder"):
+        pipeline.dataset_root(make_config(tmp_path / "shapes" / "JPEGImages", name="synthetic"))
+
+
+def test_process_exits_with_a_live_train_iterator(voc_root):
+    """An unfinished pipeline must not hang interpreter shutdown (py callbacks vs the GIL)."""
+    script = f"""
+import ml_collections
+from slr_jax.data import pipeline
+cfg = ml_collections.ConfigDict({make_config(voc_root).to_dict()!r})
+iterator = pipeline.train_dataset(cfg, process_index=0, process_count=1)
+next(iterator)
+print("ok")
+"""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "ok"

@@ -1,0 +1,434 @@
+"""slr_jax.infer: multi-scale + flip composition, label maps, CRF path, export, CLI and errors.
+
+The composition tests re-express the reference loop of ``tools/infer_voc.py`` in PyTorch
+(PIL bicubic views, mirrored pair, flip back, align-corners resize, sum / (2 * scales)) around
+a small analytic model written twice (JAX and PyTorch), so every step is pinned.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from slr_jax import infer
+from slr_jax.checkpoint import CheckpointError, save_variables
+from slr_jax.models import build_model, variable_shapes
+
+NUM_CLASSES = 5
+HEIGHT, WIDTH = 40, 50
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+# ----------------------------------------------------------------------------- fake model
+
+
+def _fake_variables(seed=0):
+    rng = np.random.RandomState(seed)
+    return {
+        "mix": rng.normal(size=(3, NUM_CLASSES)).astype(np.float32),
+        "ramp": rng.normal(size=(NUM_CLASSES,)).astype(np.float32) * 3.0,
+    }
+
+
+def fake_apply(variables, images, mode="test"):
+    """Not mirror-symmetric: a left-to-right ramp per class. (B,h,w,3) -> cls, masks."""
+    width = images.shape[2]
+    ramp = jnp.linspace(0.0, 1.0, width)[None, None, :, None] * variables["ramp"]
+    logits = jnp.einsum("bhwc,ck->bhwk", images, variables["mix"]) + ramp
+    masks = jax.nn.softmax(logits, axis=-1)
+    cls = jnp.mean(masks[..., 1:] * logits[..., 1:], axis=(1, 2))
+    return {"cls": cls, "masks": masks}
+
+
+def torch_fake_model(variables, images_nchw):
+    """The same model in PyTorch on NCHW tensors -> (cls (B,C-1), masks (B,C,h,w))."""
+    mix = torch.from_numpy(variables["mix"])
+    width = images_nchw.shape[-1]
+    ramp = (
+        torch.linspace(0.0, 1.0, width)[None, None, None, :]
+        * torch.from_numpy(variables["ramp"])[None, :, None, None]
+    )
+    logits = torch.einsum("bchw,ck->bkhw", images_nchw, mix) + ramp
+    masks = torch.softmax(logits, dim=1)
+    cls = (masks[:, 1:] * logits[:, 1:]).mean(dim=(2, 3))
+    return cls, masks
+
+
+def _photo(height=HEIGHT, width=WIDTH, seed=0):
+    rng = np.random.RandomState(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([xx * 5.0, yy * 6.0, (xx + yy) * 3.0], -1)
+    return np.clip(base + rng.uniform(0, 40, (height, width, 3)), 0, 255).astype(np.uint8)
+
+
+def _reference_view(image_uint8, scale):
+    """Dataset side of the reference: PIL bicubic rescale (round), normalise, (2,3,h,w)."""
+    h, w = image_uint8.shape[:2]
+    size = (int(np.round(h * scale)), int(np.round(w * scale)))
+    if size != (h, w):
+        image_uint8 = np.asarray(
+            Image.fromarray(image_uint8).resize(size[::-1], Image.Resampling.BICUBIC)
+        )
+    arr = np.empty(image_uint8.shape, np.float32)
+    for c in range(3):
+        arr[..., c] = (image_uint8[..., c] / 255.0 - MEAN[c]) / STD[c]
+    chw = np.transpose(arr, (2, 0, 1))
+    return torch.from_numpy(np.ascontiguousarray(np.stack([chw, np.flip(chw, -1)])))
+
+
+def _reference_multiscale(variables, image_uint8, scales):
+    """The worker loop of tools/infer_voc.py around torch_fake_model -> (cls, masks CHW)."""
+    size = image_uint8.shape[:2]
+    cams, clss = [], []
+    for scale in scales:
+        cls, cam = torch_fake_model(variables, _reference_view(image_uint8, scale))
+        cam = cam[0] + cam[1].flip(-1)
+        clss.append((cls[0] + cls[1]) / 2.0)
+        cam = F.interpolate(cam[None], size, mode="bilinear", align_corners=True)
+        cams.append(cam[0])
+    masks = torch.sum(torch.stack(cams, 0), 0) / (2 * len(cams))
+    cls = torch.sum(torch.stack(clss, 0), 0) / len(clss)
+    return cls.numpy(), masks.numpy()
+
+
+def test_multiscale_matches_reference_loop():
+    variables = _fake_variables()
+    image = _photo()
+    scales = (1.0, 0.5, 1.5, 0.75)
+    cls, masks = infer.multiscale_predict(fake_apply, variables, image, scales=scales)
+    ref_cls, ref_masks = _reference_multiscale(variables, image, scales)
+    assert cls.shape == (NUM_CLASSES - 1,) and masks.shape == (HEIGHT, WIDTH, NUM_CLASSES)
+    np.testing.assert_allclose(cls, ref_cls, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(masks, np.transpose(ref_masks, (1, 2, 0)), atol=2e-6)
+    # Mean of softmaxes: still a distribution per pixel.
+    np.testing.assert_allclose(masks.sum(-1), 1.0, atol=1e-5)
+
+
+def test_multiscale_reuses_the_compiled_forward():
+    variables = _fake_variables()
+    infer.multiscale_predict(fake_apply, variables, _photo(), scales=(1.0,))
+    forward = infer._forward_fn(fake_apply, "test")
+    before = forward._cache_size()
+    infer.multiscale_predict(fake_apply, variables, _photo(seed=3), scales=(1.0,))
+    assert forward._cache_size() == before
+
+
+def test_flip_views_are_flipped_back():
+    variables = _fake_variables(1)
+    image = _photo(seed=1)
+    normalised = infer.normalise_image(image)[None]
+    direct = np.asarray(fake_apply(variables, normalised)["masks"][0])
+    mirrored = np.asarray(fake_apply(variables, normalised[:, :, ::-1])["masks"][0])
+    # The model is not mirror-symmetric, so forgetting to flip back would show.
+    assert np.abs(mirrored - direct[:, ::-1]).max() > 0.05
+
+    _, no_flip = infer.multiscale_predict(fake_apply, variables, image, scales=(1.0,), flip=False)
+    np.testing.assert_allclose(no_flip, direct, atol=1e-6)
+    _, with_flip = infer.multiscale_predict(fake_apply, variables, image, scales=(1.0,))
+    np.testing.assert_allclose(with_flip, (direct + mirrored[:, ::-1]) / 2, atol=1e-6)
+    assert np.abs(with_flip - (direct + mirrored) / 2).max() > 0.02
+
+
+def test_scaled_input_sizes_and_paths():
+    image = _photo()
+    assert infer.reference_scaled_size((HEIGHT, WIDTH), 0.75) == (30, 38)  # round(37.5) = 38
+    assert infer.reference_scaled_size((5, 5), 0.5) == (2, 2)  # NumPy rounds half to even
+    np.testing.assert_array_equal(infer.scaled_input(image, 1.0), infer.normalise_image(image))
+    # Float (already normalised) input: the same bicubic kernel without 8-bit rounding.
+    from_uint8 = infer.scaled_input(image, 0.5)
+    from_float = infer.scaled_input(infer.normalise_image(image), 0.5)
+    assert from_float.shape == from_uint8.shape == (20, 25, 3)
+    assert np.abs(from_float - from_uint8).max() < 0.05
+    aligned = infer.scaled_input(image, 0.5, resize="align_corners")
+    assert aligned.shape == (20, 25, 3)
+
+
+# ----------------------------------------------------------------------------- real model
+
+
+def _random_variables(model, seed=0):
+    """Variables of the right shapes without the (slow) model.init: He-normal kernels."""
+    shapes = variable_shapes(model)
+    rng = np.random.RandomState(seed)
+
+    def make(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if name.endswith("['var']"):
+            return np.ones(leaf.shape, np.float32)
+        if name.endswith("['mean']") or name.endswith("['bias']"):
+            return np.zeros(leaf.shape, np.float32)
+        if name.endswith("['scale']"):
+            return np.ones(leaf.shape, np.float32)
+        fan_in = int(np.prod(leaf.shape[:-1])) or 1
+        return (rng.normal(size=leaf.shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(make, shapes)
+
+
+TINY_MODEL = {"variant": "wsss", "num_classes": 21, "width": 0.0625}
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    model = build_model(TINY_MODEL)
+    return model, _random_variables(model)
+
+
+# ----------------------------------------------------------------------------- label maps
+
+
+def _reference_labels(cls, masks_hwc, *, fp_cut, top_k, bg_pow, image_labels=None):
+    """tools/infer_voc.py after the averaging, in PyTorch on (C, H, W)."""
+    masks_pred = torch.from_numpy(np.ascontiguousarray(np.transpose(masks_hwc, (2, 0, 1))))
+    if image_labels is None:
+        cls_sigmoid = torch.sigmoid(torch.from_numpy(cls))
+        kth = torch.topk(cls_sigmoid, k=top_k)[0][-1]
+        cls_label = (cls_sigmoid > fp_cut) * (cls_sigmoid >= kth)
+    else:
+        cls_label = torch.from_numpy(image_labels)
+    cls_label = cls_label.type_as(masks_pred)
+    masks_pred[1:, :, :] *= cls_label.view(cls_label.size(0), 1, 1)
+    masks_pred[0, :, :] = torch.pow(masks_pred[0], bg_pow)
+    masks_pred = masks_pred.numpy()
+    return np.argmax(masks_pred, 0), masks_pred
+
+
+def _label_inputs(seed=0, num_classes=8, height=24, width=30):
+    rng = np.random.RandomState(seed)
+    logits = rng.normal(size=(height, width, num_classes)).astype(np.float32) * 2.0
+    logits[..., 0] += 1.0
+    masks = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    # Five classes above fp_cut = 0.3 (sigmoid(-0.2) = 0.45), so top_k = 3 has to cut two.
+    cls = np.array([2.0, -3.0, 1.0, -0.2, 0.5, 3.0, -1.5], np.float32)
+    return cls, masks.astype(np.float32)
+
+
+def test_masks_to_labels_matches_reference_steps():
+    cls, masks = _label_inputs()
+    settings = {"fp_cut": 0.3, "top_k": 3, "bg_pow": 3.0}
+    presence = infer.class_presence(cls, fp_cut=0.3, top_k=3)
+    np.testing.assert_array_equal(np.flatnonzero(presence), [0, 2, 5])
+    labels = infer.masks_to_labels(cls, masks, **settings)
+    ref_labels, ref_probs = _reference_labels(cls, masks, **settings)
+    assert labels.dtype == np.uint8 and labels.shape == masks.shape[:2]
+    np.testing.assert_array_equal(labels, ref_labels)
+    np.testing.assert_allclose(
+        infer.adjust_probabilities(cls, masks, **settings),
+        np.transpose(ref_probs, (1, 2, 0)),
+        rtol=1e-6,
+    )
+    assert set(np.unique(labels)) <= {0, 1, 3, 6}
+    # bg_pow and top_k both change the answer on this input.
+    assert (infer.masks_to_labels(cls, masks, fp_cut=0.3, top_k=3, bg_pow=1.0) != labels).any()
+    assert (infer.masks_to_labels(cls, masks, fp_cut=0.3, top_k=6, bg_pow=3.0) != labels).any()
+
+
+def test_masks_to_labels_with_image_labels_and_without_filtering():
+    cls, masks = _label_inputs(seed=2)
+    image_labels = np.zeros(7, np.float32)
+    image_labels[[1, 4]] = 1.0
+    labels = infer.masks_to_labels(cls, masks, bg_pow=2.0, image_labels=image_labels)
+    ref_labels, _ = _reference_labels(
+        cls, masks, fp_cut=0.3, top_k=6, bg_pow=2.0, image_labels=image_labels
+    )
+    np.testing.assert_array_equal(labels, ref_labels)
+    assert set(np.unique(labels)) <= {0, 2, 5}
+    # semi_wo_cls: no class filter and no background power, a plain argmax.
+    plain = infer.masks_to_labels(cls, masks, filter_classes=False)
+    np.testing.assert_array_equal(plain, np.argmax(masks, -1))
+    # COCO's extra power on one class is applied after the background power.
+    coco = infer.adjust_probabilities(cls, masks, bg_pow=2.0, class_pows={1: 4.0})
+    base = infer.adjust_probabilities(cls, masks, bg_pow=2.0)
+    np.testing.assert_allclose(coco[..., 1], base[..., 1] ** 4, rtol=1e-6)
+
+
+def test_crf_path_matches_pydensecrf():
+    densecrf = pytest.importorskip("pydensecrf.densecrf")
+    from pydensecrf.utils import unary_from_softmax
+
+    cls, masks = _label_inputs(seed=4, height=20, width=24)
+    image = _photo(20, 24, seed=4)
+    labels = infer.masks_to_labels(
+        cls, masks, fp_cut=0.3, top_k=3, bg_pow=3.0, use_crf=True, image_uint8=image
+    )
+    _, probs = _reference_labels(cls, masks, fp_cut=0.3, top_k=3, bg_pow=3.0)
+    crf = densecrf.DenseCRF2D(24, 20, probs.shape[0])
+    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
+    crf.addPairwiseGaussian(sxy=3, compat=3)
+    crf.addPairwiseBilateral(sxy=80, srgb=13, rgbim=np.copy(image), compat=10)
+    expected = np.argmax(np.array(crf.inference(10)).reshape(probs.shape), 0)
+    np.testing.assert_array_equal(labels, expected)
+    no_crf = infer.masks_to_labels(cls, masks, fp_cut=0.3, top_k=3, bg_pow=3.0)
+    assert (labels != no_crf).any()
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def test_export_pngs_round_trip(tmp_path):
+    labels = np.arange(20 * 30).reshape(20, 30) % 21
+    crf_labels = (labels + 1) % 21
+    probs = np.random.RandomState(0).rand(20, 30, 21).astype(np.float32)
+    written = infer.export_pseudo_labels(
+        tmp_path, "2007_000033", labels, crf_labels=crf_labels, probs=probs
+    )
+    assert written["pred"] == tmp_path / "pred" / "2007_000033.png"
+    with Image.open(written["pred"]) as png:
+        assert png.mode == "P"
+        assert png.getpalette()[:9] == [0, 0, 0, 128, 0, 0, 0, 128, 0]
+        np.testing.assert_array_equal(np.array(png), labels)
+    with Image.open(written["crf"]) as png:
+        np.testing.assert_array_equal(np.array(png), crf_labels)
+    np.testing.assert_array_equal(np.load(written["probs"]), probs)
+    grey = infer.save_label_png(tmp_path / "grey.png", labels, palette=False)
+    with Image.open(grey) as png:
+        assert png.mode == "L"
+        np.testing.assert_array_equal(np.array(png), labels)
+
+
+def test_evaluate_predictions_known_answer(tmp_path):
+    gt = np.array([[0, 0, 1, 1], [0, 255, 1, 2]])
+    pred = np.array([[0, 1, 1, 1], [0, 2, 1, 2]])
+    scores = infer.evaluate_predictions({"a": pred}, {"a": gt}, num_classes=3)
+    # background 2/3, class 1 3/4, class 2 1/1.
+    np.testing.assert_allclose(scores["iou"], [2 / 3, 3 / 4, 1.0])
+    np.testing.assert_allclose(scores["miou"], (2 / 3 + 3 / 4 + 1) / 3)
+    infer.save_label_png(tmp_path / "pred" / "a.png", pred)
+    infer.save_label_png(tmp_path / "gt" / "a.png", gt)
+    from_files = infer.evaluate_predictions(tmp_path / "pred", tmp_path / "gt", num_classes=3)
+    np.testing.assert_allclose(from_files["iou"], scores["iou"])
+
+
+def test_run_inference_on_eval_batches(tmp_path):
+    variables = _fake_variables(2)
+    image = _photo(seed=5)
+    normalised = infer.normalise_image(image)
+    gt = np.full((HEIGHT, WIDTH), 255, np.int32)
+    gt[:, :25] = 0
+    batch = {
+        "image": normalised[None],
+        "raw_image": (image.astype(np.float32) / 255.0)[None],
+        "mask": gt[None],
+        "labels": np.ones((1, NUM_CLASSES - 1), np.float32),
+        "name": np.asarray(["img_a"]),
+        "is_valid": np.asarray([True]),
+    }
+    padding = dict(batch, name=np.asarray(["pad"]), is_valid=np.asarray([False]))
+    cfg = {
+        "model": {"variant": "wsss", "num_classes": NUM_CLASSES},
+        "test": {"scales": (1.0, 0.5), "fp_cut": 0.0, "top_k": 4, "bg_pow": 1.0},
+    }
+    summary = infer.run_inference(
+        cfg, variables, [batch, padding], tmp_path, apply_fn=fake_apply, save_probs=True
+    )
+    assert summary["num_images"] == 1 and summary["num_scored"] == 1
+    assert not (tmp_path / "pred" / "pad.png").exists()
+    cls, masks = infer.multiscale_predict(fake_apply, variables, image, scales=(1.0, 0.5))
+    expected = infer.masks_to_labels(cls, masks, fp_cut=0.0, top_k=4, bg_pow=1.0)
+    with Image.open(tmp_path / "pred" / "img_a.png") as png:
+        np.testing.assert_array_equal(np.array(png), expected)
+    bg_iou = np.mean(expected[:, :25] == 0) / (1 + np.mean(expected[:, 25:] == 0))
+    np.testing.assert_allclose(summary["scores"]["pred"]["iou"][0], bg_iou, rtol=1e-6)
+    assert np.load(tmp_path / "probs" / "img_a.npy").shape == (HEIGHT, WIDTH, NUM_CLASSES)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def test_cli_on_a_folder_of_photographs(tmp_path, tiny_model):
+    """Checkpoint -> CLI -> PNGs; the saved probabilities equal a direct forward + flip."""
+    model, variables = tiny_model
+    checkpoint = tmp_path / "ckpt"
+    save_variables(checkpoint, variables, {**TINY_MODEL, "source": "test"})
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        Image.fromarray(_photo(seed=i)).save(photos / f"photo{i}.png")
+    (photos / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    summary = infer.main(
+        ["--checkpoint", str(checkpoint), "--images", str(photos), "--out", str(out)]
+        + ["--scales", "1", "--crf", "--save-probs", "--fp-cut", "0.1", "--top-k", "4"]
+    )
+    assert summary["num_images"] == 2
+    for i in range(2):
+        for kind in ("pred", "crf"):
+            with Image.open(out / kind / f"photo{i}.png") as png:
+                labels = np.array(png)
+            assert labels.shape == (HEIGHT, WIDTH) and labels.max() < 21
+    assert not (out / "pred" / "notes.png").exists()
+
+    # The same numbers straight from the model: mean of the view and the flipped-back mirror.
+    view = infer.normalise_image(_photo(seed=1))
+    outputs = jax.jit(lambda v, x: model.apply(v, x, mode="test"))(
+        variables, jnp.asarray(np.stack([view, view[:, ::-1]]))
+    )
+    masks = (np.asarray(outputs["masks"][0]) + np.asarray(outputs["masks"][1])[:, ::-1]) / 2
+    cls = np.asarray(outputs["cls"]).mean(0)
+    expected = infer.adjust_probabilities(cls, masks, fp_cut=0.1, top_k=4, bg_pow=3.0)
+    np.testing.assert_allclose(np.load(out / "probs" / "photo1.npy"), expected, atol=1e-5)
+    with Image.open(out / "pred" / "photo1.png") as png:
+        assert (np.array(png) == np.argmax(expected, -1)).mean() > 0.999
+
+
+def test_cli_parses_scales():
+    args = infer.build_parser().parse_args(
+        ["--checkpoint", "c", "--images", "a.jpg", "b.png", "--out", "o", "--scales", "1,0.5,1.5"]
+    )
+    assert args.scales == (1.0, 0.5, 1.5) and args.images == ["a.jpg", "b.png"]
+    assert (
+        infer.build_parser().parse_args(["--checkpoint", "c", "--images", "i", "--out", "o"]).scales
+        == infer.DEFAULT_SCALES
+    )
+
+
+def test_cli_errors(tmp_path):
+    with pytest.raises(infer.InferenceError, match="checkpoint folder .* does not exist"):
+        infer.main(["--checkpoint", str(tmp_path / "nope"), "--images", ".", "--out", "o"])
+    not_a_checkpoint = tmp_path / "empty_ckpt"
+    not_a_checkpoint.mkdir()
+    photo = tmp_path / "one.png"
+    Image.fromarray(_photo()).save(photo)
+    with pytest.raises(CheckpointError, match="not a slr_jax variables checkpoint"):
+        infer.main(["--checkpoint", str(not_a_checkpoint), "--images", str(photo), "--out", "o"])
+    empty = tmp_path / "no_images"
+    empty.mkdir()
+    with pytest.raises(infer.InferenceError, match="holds no images"):
+        infer.collect_image_paths([empty])
+    with pytest.raises(infer.InferenceError, match="neither an image file nor a folder"):
+        infer.collect_image_paths([tmp_path / "missing.jpg"])
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"definitely not a jpeg")
+    with pytest.raises(infer.InferenceError, match="cannot read image .*broken.jpg"):
+        infer.read_photograph(broken)
+    other = tmp_path / "sub"
+    other.mkdir()
+    Image.fromarray(_photo()).save(other / "one.jpg")
+    with pytest.raises(infer.InferenceError, match="would both write one.png"):
+        infer.collect_image_paths([photo, other])
+    with pytest.raises(SystemExit):
+        infer.main(["--checkpoint", "c", "--images", "i", "--out", "o", "--scales", "1,-2"])
+
+
+def test_bad_inputs_have_clear_errors():
+    variables = _fake_variables()
+    cls, masks = _label_inputs()
+    with pytest.raises(infer.InferenceError, match="needs image_uint8"):
+        infer.masks_to_labels(cls, masks, use_crf=True)
+    with pytest.raises(infer.InferenceError, match="one \\(H, W, 3\\) RGB array"):
+        infer.multiscale_predict(fake_apply, variables, np.zeros((1, 8, 8, 3), np.uint8))
+    with pytest.raises(infer.InferenceError, match="positive numbers"):
+        infer.multiscale_predict(fake_apply, variables, _photo(), scales=(1.0, 0.0))
+    with pytest.raises(infer.InferenceError, match="image_labels has 3 entries"):
+        infer.masks_to_labels(cls, masks, image_labels=np.ones(3))
+    with pytest.raises(infer.InferenceError, match="unknown config.test keys \\['scale'\\]"):
+        infer.inference_settings({"test": {"scale": (1.0,)}})
+    with pytest.raises(infer.InferenceError, match="unknown CRF settings"):
+        infer.inference_settings({"test": {"crf": {"sxy": 3}}})
+    with pytest.raises(infer.InferenceError, match="cannot name an output file"):
+        infer.export_pseudo_labels("/tmp", "../escape", np.zeros((2, 2), np.uint8))
+    with pytest.raises(infer.InferenceError, match="shrinks a 3x3 image"):
+        infer.reference_scaled_size((3, 3), 0.1)

@@ -1,0 +1,284 @@
+"""Training loop: schedule plan, the compiled step, checkpoints/resume/preemption, non-finite
+losses, device-count independence, and the entry point's config checks.
+
+The runs use a tiny WSSS network on a few synthetic images. XLA:CPU needs a minute or more to
+compile the train step, so every run here shares one config (same program) and a persistent
+compilation cache; the multi-device check compiles only the training forward and loss.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from configs import demo  # noqa: E402
+from slr_jax import train  # noqa: E402
+from slr_jax.main import ConfigError, validate_config  # noqa: E402
+
+TOTAL_STEPS = 8  # 2 epochs of 4 steps; the seg loss starts at step 4
+
+
+def tiny_config(tmp: Path):
+    config = demo.get_config()
+    config.model.width = 0.0625
+    config.loss.pamr_dilations = (1, 2)
+    config.dataset.manual_dir = str(tmp / "synthetic")
+    config.dataset.num_train = 8
+    config.dataset.num_val = 2
+    config.dataset.image_size = 40
+    config.dataset.crop_size = 33
+    config.train.batch_size = 2
+    config.train.num_epochs = 2
+    config.train.pretrain_epochs = 0
+    config.train.log_every_steps = 2
+    config.train.image_every_steps = 4
+    config.checkpoint.every_steps = 3
+    config.checkpoint.keep = 2
+    config.test.scales = (1.0,)
+    config.test.flip = False
+    return config
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """A persistent XLA cache for this module (and its subprocess): one compile per program."""
+    folder = tmp_path_factory.mktemp("xla_cache")
+    previous = {
+        name: getattr(jax.config, name)
+        for name in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    }
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    yield folder
+    for name, value in previous.items():
+        jax.config.update(name, value)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, compile_cache):
+    """An uninterrupted run of TOTAL_STEPS steps, evaluated at the end."""
+    tmp = tmp_path_factory.mktemp("full")
+    config = tiny_config(tmp)
+    return config, tmp / "workdir", train.train_and_evaluate(config, tmp / "workdir")
+
+
+def _variables(workdir: Path) -> dict:
+    return train.latest_variables(str(workdir), prefer_best=False)[0]
+
+
+def test_plan_follows_the_reference_schedule():
+    config = demo.get_config()
+    plan = train.plan_steps(config.train, num_examples=256)
+    assert plan.steps_per_epoch == 256 // config.train.batch_size
+    assert plan.total_steps == config.train.num_epochs * plan.steps_per_epoch
+    # Seg loss and cosine start after pretrain_epochs + 1 epochs (epoch > pretrain_epochs).
+    assert plan.pretrain_steps == (config.train.pretrain_epochs + 1) * plan.steps_per_epoch
+    config.train.total_steps = 100
+    assert train.plan_steps(config.train, num_examples=256).steps_per_epoch == 100 // 6
+    with pytest.raises(train.TrainingError, match="batch_size"):
+        train.plan_steps(demo.get_config().train, num_examples=3)
+
+
+def test_run_trains_logs_checkpoints_and_evaluates(full_run):
+    config, workdir, result = full_run
+    assert result["step"] == TOTAL_STEPS and not result["preempted"]
+    history = result["history"]
+    assert [h["step"] for h in history] == [2, 4, 6, 8]
+    for entry in history:
+        assert all(np.isfinite(v) for v in entry.values()), entry
+        assert entry["nonfinite"] == 0
+    # The seg loss is off for the first epoch and on afterwards, in the same compiled step.
+    assert [h["seg_weight"] for h in history] == [0.0, 0.0, 1.0, 1.0]
+    assert history[0]["lr"] == pytest.approx(config.train.lr)
+    assert history[-1]["lr"] < config.train.lr  # cosine phase
+    assert 0.0 <= result["eval"]["miou"] <= 1.0
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [6, 8]  # every 3 steps and at epoch ends (4, 8), keep the last 2
+    assert any((workdir / "best").iterdir())
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (Path(result["eval"]["out_dir"]) / "pred").is_dir()
+
+
+def test_frozen_parameters_do_not_move_and_heads_do(full_run, tmp_path):
+    config, workdir, _ = full_run
+    from slr_jax.models import build_model, init_variables
+
+    initial = init_variables(build_model(config.model), jax.random.split(jax.random.key(0))[0])
+    final = _variables(workdir)
+    frozen = initial["params"]["backbone"]["conv1a"]["kernel"]
+    np.testing.assert_array_equal(final["params"]["backbone"]["conv1a"]["kernel"], frozen)
+    assert not np.allclose(
+        final["params"]["last_conv"]["8"]["kernel"], initial["params"]["last_conv"]["8"]["kernel"]
+    )
+    # Head BatchNorm statistics move; the frozen backbone BatchNorm statistics do not, and
+    # neither do the ASPP ones (running statistics, as in the reference).
+    assert not np.allclose(
+        final["batch_stats"]["fc8_skip"]["1"]["mean"],
+        initial["batch_stats"]["fc8_skip"]["1"]["mean"],
+    )
+    np.testing.assert_array_equal(
+        final["batch_stats"]["backbone"]["b3"]["bn_branch2a"]["mean"],
+        initial["batch_stats"]["backbone"]["b3"]["bn_branch2a"]["mean"],
+    )
+    np.testing.assert_array_equal(
+        final["batch_stats"]["aspp"]["bn1"]["mean"], initial["batch_stats"]["aspp"]["bn1"]["mean"]
+    )
+
+
+def test_preempted_run_resumes_to_the_same_weights(full_run, tmp_path):
+    """SIGTERM -> save and stop; the same command then continues the same data stream."""
+    config, full_workdir, _ = full_run
+    config = tiny_config(tmp_path)
+    workdir = tmp_path / "workdir"
+    from slr_jax import data
+
+    def interrupting(start):
+        for count, batch in enumerate(data.train_dataset(config, start_position=start)):
+            if count == 5:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    first = train.train_and_evaluate(config, workdir, train_iterator_fn=interrupting)
+    assert first["preempted"] and first["step"] == 6
+    second = train.train_and_evaluate(config, workdir)
+    assert second["step"] == TOTAL_STEPS and not second["preempted"]
+    assert [h["step"] for h in second["history"]] == [8]
+    resumed, full = _variables(workdir), _variables(full_workdir)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, resumed, full)
+
+
+def test_non_finite_loss_stops_with_a_clear_error_and_skips_the_update(tmp_path, compile_cache):
+    config = tiny_config(tmp_path)
+    from slr_jax import data
+
+    def poisoned(start):
+        for count, batch in enumerate(data.train_dataset(config, start_position=start)):
+            if count == 1:
+                batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+            yield batch
+
+    with pytest.raises(train.TrainingError, match="non-finite loss.*max_nonfinite_steps"):
+        train.train_and_evaluate(config, tmp_path / "w", train_iterator_fn=poisoned)
+    config.train.max_nonfinite_steps = 1
+    result = train.train_and_evaluate(config, tmp_path / "w2", train_iterator_fn=poisoned)
+    assert result["history"][0]["nonfinite"] == 0.5  # one of the two logged steps skipped
+    final = _variables(tmp_path / "w2")
+    assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(final))
+
+
+def test_same_numbers_on_one_and_two_devices(tmp_path):
+    """Global-array semantics: the training forward (dropout and gate draws, head BatchNorm
+    statistics over the global batch, every loss term) is the same on a 1- and a 2-device
+    mesh. Only the forward+loss is compiled here (the full step takes minutes on XLA:CPU)."""
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(REPO / "tests")!r})
+        import jax, numpy as np
+        from pathlib import Path
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        from test_train import tiny_config
+        from slr_jax import data, train
+        from slr_jax.losses import slrnet_objective
+        from slr_jax.models import build_model, init_variables
+        assert jax.device_count() == 2
+        config = tiny_config(Path({str(tmp_path)!r}))
+        model = build_model(config.model)
+        variables = init_variables(model, jax.random.key(0))
+        batch = next(data.train_dataset(config))
+
+        def forward(variables, batch, key):
+            outputs, updates = model.apply(variables, batch["image"], mode="train", train=True,
+                                           rngs={{"dropout": key}}, mutable=["batch_stats"])
+            _, terms, _ = slrnet_objective(outputs, batch, loss_cfg=config.loss,
+                                           variant="wsss", seg_weight=1.0)
+            return terms, updates["batch_stats"], outputs["masks"]
+
+        out = []
+        for devices in (jax.devices()[:1], jax.devices()):
+            mesh = Mesh(np.asarray(devices), ("data",))
+            fn = jax.jit(forward, in_shardings=(NamedSharding(mesh, P()), None,
+                                                 NamedSharding(mesh, P())))
+            sharded = train.shard_batch(batch, mesh)
+            assert len(sharded["image"].sharding.device_set) == len(devices)
+            out.append(jax.device_get(fn(variables, sharded, jax.random.key(3))))
+        (t1, s1, m1), (t2, s2, m2) = out
+        for k in t1:
+            print(k, t1[k], t2[k])
+            np.testing.assert_allclose(t1[k], t2[k], rtol=2e-5, atol=1e-6, err_msg=k)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                                       atol=1e-5), s1, s2)
+        np.testing.assert_allclose(m1, m2, rtol=1e-4, atol=1e-5)
+        """
+    )
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def test_unknown_or_invalid_config_is_rejected_before_work():
+    config = demo.get_config()
+    with pytest.raises(AttributeError):
+        config.train.lrr = 1.0  # locked: no new keys
+    config = demo.get_config()
+    config.model.variant = "wss"
+    with pytest.raises(ConfigError, match="model.variant"):
+        validate_config(config)
+    config = demo.get_config()
+    config.train.pretrain_epochs = config.train.num_epochs
+    with pytest.raises(ConfigError, match="pretrain_epochs"):
+        validate_config(config)
+    validate_config(demo.get_config())
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("--config.train.lrr=1", "lrr"), ("--config.train.batch_size=abc", "batch_size")],
+)
+def test_command_line_rejects_unknown_keys_and_bad_types(override, message, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "slr_jax.main", "--config=configs/demo.py",
+         f"--workdir={tmp_path}", override],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_initial_weights_from_a_converted_backbone(tmp_path):
+    """train.init_checkpoint: an ImageNet backbone file replaces only the backbone leaves; a
+    checkpoint of the wrong shape is refused with the leaves listed."""
+    from slr_jax.checkpoint import CheckpointError, save_variables
+    from slr_jax.models import build_model, variable_shapes
+
+    model = build_model(tiny_config(tmp_path).model)
+    zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), variable_shapes(model))
+    ones = jax.tree_util.tree_map(lambda x: np.ones_like(x), zeros)
+    save_variables(tmp_path / "backbone", ones, {"source": "imagenet_backbone"})
+    merged = train.load_initial_weights(zeros, str(tmp_path / "backbone"))
+    for collection in ("params", "batch_stats"):
+        assert all(
+            np.all(x == 1) for x in jax.tree_util.tree_leaves(merged[collection]["backbone"])
+        )
+        heads = {k: v for k, v in merged[collection].items() if k != "backbone"}
+        assert all(np.all(x == 0) for x in jax.tree_util.tree_leaves(heads))
+    wide = build_model(dict(tiny_config(tmp_path).model, width=0.125))
+    wrong = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), variable_shapes(wide))
+    save_variables(tmp_path / "wide", wrong, {"source": "imagenet_backbone"})
+    with pytest.raises(CheckpointError, match="wrong shape"):
+        train.load_initial_weights(zeros, str(tmp_path / "wide"))
