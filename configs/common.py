@@ -38,7 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.loss.pamr_dilations = (1, 2, 4, 8, 12, 24)
     config.loss.cutoff_top = 0.6
     config.loss.cutoff_low = 0.2
-    config.loss.bg_scale = 0.6  # background threshold scale (0.9 for semi_wo_cls)
+    config.loss.bg_scale = 0.7  # background threshold scale (0.9 for semi_wo_cls)
     config.loss.pamr_bg_pow = 3.0  # semi_wo_cls: background^pow before PAMR
     config.loss.pos_weight = 1.0  # COCO BCE positive weight
     config.loss.class_weights = ()  # COCO per-class BCE weights (empty: all 1)

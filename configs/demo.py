@@ -1,4 +1,4 @@
-"""A CPU demo: WSSS SLRNet on the embedded synthetic_shapes set, no download, a few minutes.
+"""A CPU demo: WSSS SLRNet on the embedded synthetic_shapes set, no download, about ten minutes.
 
 The network is the reference architecture at 1/8 of the channels (``model.width``); images are
 64 px with five shape classes (slr_jax/data/synthetic.py); losses, pseudo labels, optimiser
@@ -23,9 +23,9 @@ def get_config():
     config.dataset.image_size = 64
     config.dataset.crop_size = 64
     config.train.batch_size = 8
-    config.train.num_epochs = 6
-    config.train.pretrain_epochs = 1
-    config.train.lr = 2e-3
+    config.train.num_epochs = 8
+    config.train.pretrain_epochs = 2
+    config.train.lr = 1e-2
     config.train.log_every_steps = 16
     config.train.image_every_steps = 64
     config.checkpoint.every_steps = 64

@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             "slr_jax.convert needs PyTorch to read .pth files: pip install torch", file=sys.stderr
         )
         return 2
-    from slr_jax.models import SLRNet, init_variables
+    from slr_jax.models import SLRNet, init_variables, variable_shapes
 
     try:
         checkpoint = torch.load(args.torch, map_location="cpu", weights_only=True)
@@ -266,17 +266,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setting = SETTINGS[args.setting]
     model = SLRNet(**setting)
-    template = jax.tree_util.tree_map(np.asarray, init_variables(model, jax.random.key(args.seed)))
-    state = strip_state_dict(checkpoint)
     try:
+        state = strip_state_dict(checkpoint)
         if looks_like_backbone_file(state):
+            # The heads are not in the file: they start from a random init.
+            init = init_variables(model, jax.random.key(args.seed))
+            template = jax.tree_util.tree_map(np.asarray, init)
             variables, source = convert_backbone(state, template), "imagenet_backbone"
         else:
-            variables, source = convert_checkpoint(state, template), "reference_checkpoint"
+            # Every leaf comes from the file, so shapes are enough (no 100M-parameter init).
+            variables = convert_checkpoint(state, variable_shapes(model))
+            source = "reference_checkpoint"
     except CheckpointError as e:
         print(str(e), file=sys.stderr)
         return 1
-    meta = dict(setting, width=1.0, source=source, torch_file=str(args.torch))
+    meta = dict(setting, width=model.width, source=source, torch_file=str(args.torch))
     path = save_variables(args.out, variables, meta)
     print(f"wrote {source} weights ({args.setting}) to {path}")
     return 0

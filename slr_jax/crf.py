@@ -90,9 +90,10 @@ def dense_crf(
 ) -> np.ndarray:
     """Refines class probabilities with a dense CRF; returns float32 probs in the input layout.
 
-    ``image_uint8_hwc``: (H, W, 3) uint8 RGB. ``probs``: (C, H, W) or (H, W, C) non-negative
-    class probabilities (the layout is inferred from the image size unless ``channels_last``
-    is given). Output: same shape as ``probs``, the CRF marginals after ``n_iters`` steps.
+    ``image_uint8_hwc``: (H, W, 3) uint8 RGB; read-only or strided arrays are fine (e.g.
+    ``np.asarray(PIL.Image)``). ``probs``: (C, H, W) or (H, W, C) non-negative class
+    probabilities (the layout is inferred from the image size unless ``channels_last`` is
+    given). Output: same shape as ``probs``, the CRF marginals after ``n_iters`` steps.
     """
     densecrf = _densecrf_module()
     image = np.asarray(image_uint8_hwc)
@@ -119,10 +120,13 @@ def dense_crf(
     crf = densecrf.DenseCRF2D(width, height, num_classes)
     crf.setUnaryEnergy(unary_from_probs(probs_chw))
     crf.addPairwiseGaussian(sxy=gaussian_sxy, compat=gaussian_compat)
+    # pydensecrf's typed memoryview needs a writable C-contiguous buffer; arrays from
+    # ``np.asarray(PIL.Image)`` are read-only, so always hand it a private copy.
+    rgbim = np.array(image, dtype=np.uint8, copy=True, order="C")
     crf.addPairwiseBilateral(
         sxy=bilateral_sxy,
         srgb=bilateral_srgb,
-        rgbim=np.ascontiguousarray(image),
+        rgbim=rgbim,
         compat=bilateral_compat,
     )
     marginals = np.asarray(crf.inference(n_iters), dtype=np.float32)

@@ -227,7 +227,11 @@ def main(argv: list[str]) -> None:
                 raise ConfigError("--mode=train needs --workdir=DIR (local or gs://).")
             result = train_and_evaluate(config, _WORKDIR.value)
             if result["eval"]:
-                print(f"final step {result['step']}: val mIoU {result['eval']['miou']:.4f}")
+                ev = result["eval"]
+                print(
+                    f"final step {result['step']}: val mIoU {ev['miou']:.4f}, pseudo-label mIoU "
+                    f"{ev['pseudo_label_miou']:.4f} ({_WORKDIR.value}/results.json)"
+                )
         else:
             run_evaluate_or_infer(config, _MODE.value)
     except (ConfigError, CheckpointError, DataError, InferenceError, TrainingError) as error:

@@ -424,23 +424,36 @@ def evaluate_model(config: Any, variables: Any, out_dir: str, limit: int = 0) ->
     return summary
 
 
-def _log_metrics(writer, step: int, metrics: dict[str, float]) -> None:
-    text = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
-    logging.info("step %d: %s", step, text)
+def _log_metrics(writer, workdir: str, step: int, total_steps: int, metrics: dict) -> None:
+    """Console line with progress and ETA, TensorBoard scalars and ``metrics.jsonl``."""
+    rate = metrics.get("steps_per_s", 0.0)
+    eta = (total_steps - step) / rate if rate > 0 else float("nan")
+    eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
+    logging.info(
+        "step %d/%d (%.0f%%) loss %.4g | %.3g steps/s | ETA %s",
+        step, total_steps, 100.0 * step / total_steps, metrics.get("total", float("nan")),
+        rate, eta_text,
+    )  # fmt: skip
+    logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+    if jax.process_index() != 0:
+        return
+    with (epath.Path(workdir) / "metrics.jsonl").open("a") as handle:
+        handle.write(json.dumps({"step": step, "loss": metrics.get("total"), **metrics}) + "\n")
     if writer is not None:
         for key, value in metrics.items():
             writer.scalar(f"train/{key}", value, step)
         writer.flush()
 
 
-def _check_nonfinite(count: int, limit: int, step: int, metrics: dict[str, float]) -> None:
-    if count > limit:
-        terms = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
-        raise TrainingError(
-            f"non-finite loss or gradients in {count} step(s) up to step {step} (the updates "
-            f"were skipped; limit config.train.max_nonfinite_steps={limit}). Last metrics: "
-            f"{terms}. Lower config.train.lr, check the input data, or use float32."
-        )
+def _nonfinite_error(count: int, limit: int, step: int, metrics: dict) -> TrainingError:
+    bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+    terms = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+    return TrainingError(
+        f"non-finite loss or gradients in {count} step(s) up to step {step}; non-finite terms: "
+        f"{', '.join(bad) or 'gradients only'} (those updates were skipped and the last good "
+        f"state was checkpointed; limit config.train.max_nonfinite_steps={limit}). Metrics: "
+        f"{terms}. Lower config.train.lr, check the input data, or use float32."
+    )
 
 
 def train_and_evaluate(
@@ -531,10 +544,14 @@ def _loop(config, workdir, plan, mesh, state, batches, step_fn, checkpoints, wri
                 last_metrics["epoch"] = step / plan.steps_per_epoch
                 tick, tick_step = time.perf_counter(), step
                 history.append({"step": step, **last_metrics})
-                _log_metrics(writer, step, last_metrics)
-                _check_nonfinite(
-                    nonfinite, int(config.train.max_nonfinite_steps), step, last_metrics
-                )
+                _log_metrics(writer, workdir, step, plan.total_steps, last_metrics)
+                if nonfinite > int(config.train.max_nonfinite_steps):
+                    # Non-finite updates were skipped: the state is the last good one.
+                    checkpoints.save(state, extra_info(step), force=True)
+                    checkpoints.wait()
+                    raise _nonfinite_error(
+                        nonfinite, int(config.train.max_nonfinite_steps), step, last_metrics
+                    )
             image_every = int(config.train.image_every_steps)
             if writer is not None and image_every > 0 and step % image_every == 0:
                 visuals_fn = visuals_fn or make_visuals_fn(config, model)
@@ -559,25 +576,109 @@ def _loop(config, workdir, plan, mesh, state, batches, step_fn, checkpoints, wri
             "preempted": False}  # fmt: skip
 
 
+def pseudo_label_scores(config: Any, variables: Any, limit: int = 0) -> dict | None:
+    """Scores of the training pseudo labels on the validation split (image labels from the
+    ground truth, as in training): each image is resized (PIL bicubic) to the training crop
+    size, the pseudo label computed as the loss computes it, resized back (nearest) and
+    scored; pixels the pseudo label leaves unassigned count as background, the evaluation's
+    convention for ignored predictions. One compiled program for every image size."""
+    from PIL import Image
+
+    from slr_jax import evaluate
+    from slr_jax.data import eval_dataset
+    from slr_jax.infer import _example_fields, normalise_image
+
+    crop = config.dataset.crop_size
+    size = (crop, crop) if isinstance(crop, int) else tuple(crop)
+    visuals_fn = make_visuals_fn(config, build_model(config.model))
+    num_classes = int(config.model.num_classes)
+    accumulator = evaluate.ConfusionAccumulator(num_classes)
+    for example in eval_dataset(config, limit=limit or None):
+        fields = _example_fields(example)
+        if fields is None or fields["mask"] is None or fields["labels"] is None:
+            continue
+        gt = np.asarray(fields["mask"])
+        if not (gt != 255).any():
+            continue
+        height, width = gt.shape
+        resized = Image.fromarray(fields["image_uint8"]).resize(
+            (size[1], size[0]), Image.Resampling.BICUBIC
+        )
+        image = np.asarray(resized)
+        batch = {
+            "image": normalise_image(image)[None],
+            "raw_image": (image.astype(np.float32) / 255.0)[None],
+            "labels": np.asarray(fields["labels"], np.float32)[None],
+            "mask": np.full((1, *size), 255, np.int32),
+            "is_labeled": np.zeros((1,), bool),
+        }
+        pseudo = np.asarray(jax.device_get(visuals_fn(variables, batch))["pseudo"][0])
+        labels = np.where(pseudo.sum(-1) > 0, pseudo.argmax(-1), 0).astype(np.uint8)
+        labels = np.asarray(
+            Image.fromarray(labels).resize((width, height), Image.Resampling.NEAREST)
+        )
+        accumulator.update(labels, gt)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        accumulator.confusion = multihost_utils.process_allgather(accumulator.confusion).sum(0)
+    if not accumulator.confusion.any():
+        return None
+    return accumulator.result()
+
+
+def _class_names(num_classes: int) -> list[str]:
+    from slr_jax import evaluate
+
+    if num_classes == len(evaluate.VOC_CLASSES):
+        return list(evaluate.VOC_CLASSES)
+    return [f"class_{c}" for c in range(num_classes)]
+
+
 def _evaluate_and_keep_best(config, state, checkpoints, workdir, step, writer) -> dict:
+    """Val-split inference (config.test), pseudo-label scores, best checkpoint and
+    ``WORKDIR/results.json`` ({'miou', 'pseudo_label_miou', 'per_class_iou', ...})."""
     variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
     out_dir = os.path.join(workdir, "eval", f"step_{step}")
-    summary = evaluate_model(config, variables, out_dir, int(config.train.eval_limit))
+    limit = int(config.train.eval_limit)
+    summary = evaluate_model(config, variables, out_dir, limit)
     scores = summary.get("scores", {}).get("pred")
     if scores is None:
         logging.warning("no validation image has ground truth; skipped scoring.")
         return {}
+    pseudo = pseudo_label_scores(config, variables, limit)
     miou = float(scores["miou"])
-    logging.info("step %d: val mIoU %.4f over %d images", step, miou, summary["num_scored"])
+    pseudo_miou = float(pseudo["miou"]) if pseudo is not None else float("nan")
+    logging.info(
+        "step %d: val mIoU %.4f (pseudo labels %.4f) over %d images",
+        step, miou, pseudo_miou, summary["num_scored"],
+    )  # fmt: skip
     if writer is not None:
         writer.scalar("val/miou", miou, step)
+        writer.scalar("val/pseudo_label_miou", pseudo_miou, step)
         writer.scalar("val/pixel_accuracy", float(scores["pixel_accuracy"]), step)
         writer.flush()
     if math.isfinite(miou):
         checkpoints.save_best(state, miou, {"miou": miou, "step": step})
-    result = {"miou": miou, "num_scored": summary["num_scored"], "out_dir": out_dir}
+    names = _class_names(int(config.model.num_classes))
+    per_class = lambda iou: {n: (float(v) if np.isfinite(v) else None) for n, v in zip(names, iou)}
+    result = {
+        "step": step,
+        "split": config.dataset.val_split,
+        "num_images": summary["num_scored"],
+        "miou": miou,
+        "pseudo_label_miou": pseudo_miou,
+        "per_class_iou": per_class(scores["iou"]),
+        "pseudo_label_per_class_iou": per_class(pseudo["iou"]) if pseudo is not None else {},
+        "pixel_accuracy": float(scores["pixel_accuracy"]),
+        "out_dir": out_dir,
+    }
+    if "crf" in summary.get("scores", {}):
+        result["crf_miou"] = float(summary["scores"]["crf"]["miou"])
     if jax.process_index() == 0:
-        (epath.Path(out_dir) / "scores.json").write_text(json.dumps(result, indent=2))
+        text = json.dumps(result, indent=2)
+        (epath.Path(out_dir) / "results.json").write_text(text)
+        (epath.Path(workdir) / "results.json").write_text(text)
     return result
 
 
@@ -595,14 +696,17 @@ def make_visuals_fn(config: Any, model: flax.linen.Module) -> Callable:
 
 
 def _write_images(writer, visuals_fn, state, batch, step) -> None:
-    """The first training image with its refined-mask argmax and pseudo label, side by side."""
+    """The first training image, then overlays of its CAM, PAMR-refined mask and pseudo label
+    (argmax; white = unassigned), side by side, as the reference's visualisation shows."""
     variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
     one = {k: np.asarray(batch[k])[:1] for k in BATCH_KEYS}
     visuals = jax.device_get(visuals_fn(variables, one))
     raw = (one["raw_image"][0] * 255).clip(0, 255).astype(np.uint8)
     pseudo = visuals["pseudo"][0]
     pseudo_labels = np.where(pseudo.sum(-1) > 0, pseudo.argmax(-1), 255)
+    cam = visuals["cam"][0].argmax(-1)
     refined = visuals["refined"][0].argmax(-1)
-    panel = np.concatenate([raw, _colourise(refined), _colourise(pseudo_labels)], axis=1)
-    writer.image("train/image_refined_pseudo", panel, step)
+    overlay = lambda labels: (0.5 * raw + 0.5 * _colourise(labels)).astype(np.uint8)
+    panel = np.concatenate([raw, overlay(cam), overlay(refined), overlay(pseudo_labels)], axis=1)
+    writer.image("train/image_cam_refined_pseudo", panel, step)
     writer.flush()

@@ -1,11 +1,48 @@
-"""Shared pytest setup: CPU-only JAX, float32 matmuls at full precision, quiet TensorFlow."""
+"""Shared pytest setup: CPU-only JAX, float32 matmuls at full precision, quiet TensorFlow.
+
+Tests that compare against the official PyTorch code read its checkout from the environment
+variable ``SLR_REFERENCE_REPO`` (a clone of github.com/DesertsP/SLRNet) and are skipped, with
+the reason, when it is unset or lacks the files they need.
+"""
 
 import os
+import pathlib
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+REFERENCE_ENV = "SLR_REFERENCE_REPO"
+
+
+@pytest.fixture(scope="session")
+def reference_repo() -> pathlib.Path:
+    """Root of the reference checkout named by ``$SLR_REFERENCE_REPO``; skips when unusable."""
+    root = os.environ.get(REFERENCE_ENV, "").strip()
+    if not root:
+        pytest.skip(
+            f"{REFERENCE_ENV} is not set; point it at a clone of "
+            "https://github.com/DesertsP/SLRNet to run the comparisons with the reference"
+        )
+    path = pathlib.Path(root).expanduser()
+    if not path.is_dir():
+        pytest.skip(f"{REFERENCE_ENV}={root!r} is not a directory")
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference_file(reference_repo):
+    """``reference_file('utils', 'dcrf.py')`` -> that path in the checkout; skips if missing."""
+
+    def find(*parts: str) -> pathlib.Path:
+        path = reference_repo.joinpath(*parts)
+        if not path.exists():
+            pytest.skip(f"{'/'.join(parts)} not found in {REFERENCE_ENV}={reference_repo}")
+        return path
+
+    return find

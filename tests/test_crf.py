@@ -1,25 +1,22 @@
 """slr_jax.crf: equals the reference utils/dcrf.py and sharpens noisy maps toward the regions."""
 
 import importlib.util
-import os
 import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from slr_jax import crf, evaluate
 
 pytest.importorskip("pydensecrf.densecrf")
 
-REF_DCRF = os.path.join(os.environ.get("SLRNET_REF", "/tmp/slrnet_ref"), "utils", "dcrf.py")
 HEIGHT, WIDTH, NUM_CLASSES = 36, 48, 3
 
 
-def _reference_crf_inference():
-    """The reference's crf_inference, loaded from its file (skips when unavailable)."""
-    if not os.path.isfile(REF_DCRF):
-        pytest.skip(f"reference dcrf.py not found at {REF_DCRF}")
-    spec = importlib.util.spec_from_file_location("slrnet_ref_dcrf", REF_DCRF)
+def _reference_crf_inference(dcrf_path):
+    """The reference's crf_inference, loaded from its file (skips when it does not import)."""
+    spec = importlib.util.spec_from_file_location("slrnet_ref_dcrf", dcrf_path)
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
@@ -53,8 +50,8 @@ def _miou(pred, labels):
     return evaluate.segmentation_scores(conf)["miou"]
 
 
-def test_matches_reference_crf_inference():
-    crf_inference = _reference_crf_inference()
+def test_matches_reference_crf_inference(reference_file):
+    crf_inference = _reference_crf_inference(reference_file("utils", "dcrf.py"))
     image, _, probs = _scene()
     expected = crf_inference(image, probs, t=10, scale_factor=1, labels=NUM_CLASSES)
     ours = crf.dense_crf(image, probs)
@@ -73,6 +70,23 @@ def test_channels_last_gives_the_same_marginals():
     hwc = crf.dense_crf(image, np.moveaxis(probs, 0, -1))
     assert hwc.shape == (HEIGHT, WIDTH, NUM_CLASSES)
     np.testing.assert_allclose(np.moveaxis(hwc, -1, 0), chw, atol=1e-7)
+
+
+def test_read_only_and_strided_images_are_accepted():
+    """pydensecrf needs a writable C-contiguous buffer; PIL-backed arrays are read-only."""
+    image, _, probs = _scene(4)
+    expected = crf.dense_crf(image, probs)
+    from_pil = np.asarray(Image.fromarray(image))
+    assert not from_pil.flags.writeable
+    read_only = image.copy()
+    read_only.setflags(write=False)
+    # A transposed view of a (W, H, 3) copy: the right values, not C-contiguous.
+    strided = np.ascontiguousarray(image.transpose(1, 0, 2)).transpose(1, 0, 2)
+    assert not strided.flags.c_contiguous
+    for name, view in (("PIL", from_pil), ("read-only", read_only), ("strided", strided)):
+        out = crf.dense_crf(view, probs)
+        np.testing.assert_array_equal(out, expected, err_msg=name)
+    assert not read_only.flags.writeable  # the caller's array is left as it was
 
 
 def test_zero_iterations_return_normalised_clipped_probs():

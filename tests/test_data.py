@@ -14,7 +14,11 @@ import pytest
 from PIL import Image
 
 from slr_jax.data import pipeline, transforms, voc
-from slr_jax.data.synthetic import make_synthetic_examples, write_synthetic_voc
+from slr_jax.data.synthetic import (
+    make_synthetic_examples,
+    trivial_baseline_scores,
+    write_synthetic_voc,
+)
 from slr_jax.data.voc import IGNORE_LABEL, DataError
 
 NUM_CLASSES = 5
@@ -467,3 +471,47 @@ print("ok")
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "ok"
+
+
+# ----------------------------------------------------------------------------- trivial baselines
+
+
+def test_trivial_baselines_on_hand_made_examples():
+    grey, red, blue, green = (100, 100, 100), (200, 0, 0), (0, 0, 200), (0, 220, 0)
+    train_image = np.array([[grey, grey, red], [blue, blue, green]], np.uint8)
+    train_mask = np.array([[0, 0, 1], [2, 2, 255]], np.uint8)
+    # Val pixel (1, 1) is class 2 but red: nearest colour calls it 1. (1, 2) is ignored.
+    val_image = np.array([[grey, red, red], [blue, red, green]], np.uint8)
+    val_mask = np.array([[0, 1, 1], [2, 2, 255]], np.uint8)
+    train = [{"name": "t", "image": train_image, "mask": train_mask}]
+    val = [{"name": "v", "image": val_image, "mask": val_mask}]
+    scores = trivial_baseline_scores(train, val, num_classes=4)  # class 3 appears nowhere
+    np.testing.assert_array_equal(scores["class_colours"][:3], [grey, red, blue])
+    assert np.isnan(scores["class_colours"][3]).all()
+    # All background: IoU(bg) = 1 labelled bg pixel / 5 labelled pixels, classes 1, 2 score 0.
+    background = scores["all_background"]
+    np.testing.assert_allclose(background["iou"][:3], [1 / 5, 0, 0])
+    assert np.isnan(background["iou"][3])
+    assert background["miou"] == pytest.approx((1 / 5) / 3)
+    nearest = scores["nearest_colour"]
+    np.testing.assert_allclose(nearest["iou"][:3], [1, 2 / 3, 1 / 2])
+    assert nearest["miou"] == pytest.approx((1 + 2 / 3 + 1 / 2) / 3)
+    with pytest.raises(ValueError, match="needs at least one train example"):
+        trivial_baseline_scores([], val, 4)
+    with pytest.raises(ValueError, match=r"holds class\(es\) \[3\] but num_classes is 3"):
+        trivial_baseline_scores(train, [{"image": val_image, "mask": val_mask + 1}], 3)
+    with pytest.raises(ValueError, match="expected 'image' \\(H, W, 3\\)"):
+        trivial_baseline_scores(train, [{"image": val_image[:1], "mask": val_mask}], 4)
+
+
+def test_all_background_baseline_on_synthetic_shapes():
+    train = make_synthetic_examples(4, 24, NUM_CLASSES, seed=0)
+    val = make_synthetic_examples(3, 24, NUM_CLASSES, seed=1)
+    scores = trivial_baseline_scores(train, val, NUM_CLASSES)
+    masks = np.stack([e["mask"] for e in val])
+    labelled = masks[masks != IGNORE_LABEL]
+    present = np.unique(labelled[labelled > 0]).size
+    # Background IoU is the background share of labelled pixels; present shapes score 0.
+    expected = float(np.mean(labelled == 0)) / (1 + present)
+    assert scores["all_background"]["miou"] == pytest.approx(expected)
+    assert scores["nearest_colour"]["miou"] > scores["all_background"]["miou"]

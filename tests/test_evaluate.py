@@ -1,7 +1,5 @@
 """slr_jax.evaluate against sklearn and the reference's eval_voc formula."""
 
-import os
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -73,11 +71,9 @@ def test_scores_match_sklearn_and_reference_formula(seed):
     np.testing.assert_allclose(scores["iou"] + scores["fp"] + scores["fn"], 1.0, rtol=1e-12)
 
 
-def test_reference_eval_voc_formula_if_importable():
-    """Runs the formula of /tmp/slrnet_ref/tools/eval_voc.py when its imports resolve."""
-    ref_tools = os.environ.get("SLRNET_REF", "/tmp/slrnet_ref") + "/tools"
-    if not os.path.isdir(ref_tools):
-        pytest.skip(f"reference checkout not found at {ref_tools}")
+def test_reference_eval_voc_formula_if_importable(reference_file):
+    """The confusion matrix of the reference's tools/eval_voc.py (chainercv), when importable."""
+    reference_file("tools", "eval_voc.py")
     pytest.importorskip("chainercv.evaluations")
     from chainercv.evaluations import calc_semantic_segmentation_confusion
 

@@ -1,7 +1,6 @@
 """slr_jax.optim vs torch.optim.SGD / CosineAnnealingLR and the reference's parameter groups."""
 
 import math
-import os
 import sys
 
 import jax
@@ -14,7 +13,6 @@ from slr_jax import optim
 
 torch = pytest.importorskip("torch")
 
-REF_ROOT = os.environ.get("SLRNET_REF", "/tmp/slrnet_ref")
 TRAINABLE = optim.TRAINABLE_GROUPS
 
 
@@ -82,21 +80,20 @@ def test_labels_of_fake_tree():
     assert labels == FAKE_EXPECTED
 
 
-def test_labels_match_reference_model_groups():
+def test_labels_match_reference_model_groups(reference_file):
     """Every parameter of the reference WSSS net, renamed to Flax paths, gets the reference's group.
 
     Reference group = its ``parameter_groups()`` index, or 'frozen' where ``requires_grad`` is off
     after ``model.train()``.
     """
-    if not os.path.isdir(os.path.join(REF_ROOT, "models")):
-        pytest.skip(f"reference checkout not found at {REF_ROOT}")
-    sys.path.insert(0, REF_ROOT)
+    root = str(reference_file("models", "slrnet.py").parents[1])
+    sys.path.insert(0, root)
     try:
         from models.slrnet import Net
     except Exception as err:  # any import problem means "no reference here"
         pytest.skip(f"reference models.slrnet does not import: {err}")
     finally:
-        sys.path.remove(REF_ROOT)
+        sys.path.remove(root)
     model = Net(pretrained=False)
     model.train()
     group_of = {}

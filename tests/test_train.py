@@ -8,6 +8,7 @@ compilation cache; the multi-device check compiles only the training forward and
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -31,6 +32,9 @@ TOTAL_STEPS = 8  # 2 epochs of 4 steps; the seg loss starts at step 4
 
 def tiny_config(tmp: Path):
     config = demo.get_config()
+    # 21 classes and these sizes everywhere, so that the VOC-config test below compiles the
+    # very same programs (persistent cache hits) instead of new ones.
+    config.model.num_classes = 21
     config.model.width = 0.0625
     config.loss.pamr_dilations = (1, 2)
     config.dataset.manual_dir = str(tmp / "synthetic")
@@ -108,6 +112,13 @@ def test_run_trains_logs_checkpoints_and_evaluates(full_run):
     assert any((workdir / "best").iterdir())
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     assert (Path(result["eval"]["out_dir"]) / "pred").is_dir()
+    results = json.loads((workdir / "results.json").read_text())
+    assert 0.0 <= results["pseudo_label_miou"] <= 1.0
+    assert results["miou"] == result["eval"]["miou"]
+    assert len(results["per_class_iou"]) == 21 and "aeroplane" in results["per_class_iou"]
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [2, 4, 6, 8]
+    assert all(x["loss"] == x["total"] for x in lines)
 
 
 def test_frozen_parameters_do_not_move_and_heads_do(full_run, tmp_path):
@@ -168,8 +179,11 @@ def test_non_finite_loss_stops_with_a_clear_error_and_skips_the_update(tmp_path,
                 batch = dict(batch, image=np.full_like(batch["image"], np.nan))
             yield batch
 
-    with pytest.raises(train.TrainingError, match="non-finite loss.*max_nonfinite_steps"):
+    with pytest.raises(train.TrainingError, match="non-finite terms: .*total.*max_nonfinite_steps"):
         train.train_and_evaluate(config, tmp_path / "w", train_iterator_fn=poisoned)
+    # The last good state (step 2, the NaN update skipped) was checkpointed before stopping.
+    kept = _variables(tmp_path / "w")
+    assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(kept))
     config.train.max_nonfinite_steps = 1
     result = train.train_and_evaluate(config, tmp_path / "w2", train_iterator_fn=poisoned)
     assert result["history"][0]["nonfinite"] == 0.5  # one of the two logged steps skipped
@@ -177,10 +191,10 @@ def test_non_finite_loss_stops_with_a_clear_error_and_skips_the_update(tmp_path,
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(final))
 
 
-def test_same_numbers_on_one_and_two_devices(tmp_path):
+def test_same_numbers_on_one_two_and_four_devices(tmp_path):
     """Global-array semantics: the training forward (dropout and gate draws, head BatchNorm
-    statistics over the global batch, every loss term) is the same on a 1- and a 2-device
-    mesh. Only the forward+loss is compiled here (the full step takes minutes on XLA:CPU)."""
+    statistics over the global batch, every loss term) is the same on 1-, 2- and 4-device
+    meshes. Only the forward+loss is compiled here (the full step takes minutes on XLA:CPU)."""
     script = textwrap.dedent(
         f"""
         import sys
@@ -192,8 +206,9 @@ def test_same_numbers_on_one_and_two_devices(tmp_path):
         from slr_jax import data, train
         from slr_jax.losses import slrnet_objective
         from slr_jax.models import build_model, init_variables
-        assert jax.device_count() == 2
+        assert jax.device_count() == 4
         config = tiny_config(Path({str(tmp_path)!r}))
+        config.train.batch_size = 4
         model = build_model(config.model)
         variables = init_variables(model, jax.random.key(0))
         batch = next(data.train_dataset(config))
@@ -206,23 +221,24 @@ def test_same_numbers_on_one_and_two_devices(tmp_path):
             return terms, updates["batch_stats"], outputs["masks"]
 
         out = []
-        for devices in (jax.devices()[:1], jax.devices()):
+        for devices in (jax.devices()[:1], jax.devices()[:2], jax.devices()):
             mesh = Mesh(np.asarray(devices), ("data",))
             fn = jax.jit(forward, in_shardings=(NamedSharding(mesh, P()), None,
                                                  NamedSharding(mesh, P())))
             sharded = train.shard_batch(batch, mesh)
             assert len(sharded["image"].sharding.device_set) == len(devices)
             out.append(jax.device_get(fn(variables, sharded, jax.random.key(3))))
-        (t1, s1, m1), (t2, s2, m2) = out
-        for k in t1:
-            print(k, t1[k], t2[k])
-            np.testing.assert_allclose(t1[k], t2[k], rtol=2e-5, atol=1e-6, err_msg=k)
-        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
-                                                                       atol=1e-5), s1, s2)
-        np.testing.assert_allclose(m1, m2, rtol=1e-4, atol=1e-5)
+        (t1, s1, m1) = out[0]
+        for t2, s2, m2 in out[1:]:
+            for k in t1:
+                print(k, t1[k], t2[k])
+                np.testing.assert_allclose(t1[k], t2[k], rtol=2e-5, atol=1e-6, err_msg=k)
+            jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+                                                                           atol=1e-5), s1, s2)
+            np.testing.assert_allclose(m1, m2, rtol=1e-4, atol=1e-5)
         """
     )
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
     env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900
@@ -282,3 +298,89 @@ def test_initial_weights_from_a_converted_backbone(tmp_path):
     save_variables(tmp_path / "wide", wrong, {"source": "imagenet_backbone"})
     with pytest.raises(CheckpointError, match="wrong shape"):
         train.load_initial_weights(zeros, str(tmp_path / "wide"))
+
+
+def _fake_voc_config(name: str, tmp: Path):
+    """configs/<name>.py pointed at a tiny VOC-layout folder (21 classes), tiny sizes."""
+    import importlib
+
+    from slr_jax.data.synthetic import write_synthetic_voc
+
+    root = write_synthetic_voc(
+        tmp / "VOC2012", num_train=8, num_val=2, size=40, num_classes=21, seed=1
+    )
+    config = importlib.import_module(f"configs.{name}").get_config()
+    config.dataset.manual_dir = str(root)
+    config.model.width = 0.0625
+    config.loss.pamr_dilations = (1, 2)
+    config.dataset.crop_size = 33
+    config.train.batch_size = 2
+    config.train.num_epochs = 2
+    config.train.pretrain_epochs = 0
+    config.train.lr = demo.get_config().train.lr  # same compiled step as tiny_config
+    config.train.log_every_steps = 2
+    config.test.scales = (1.0,)
+    config.test.flip = False
+    return config
+
+
+@pytest.mark.parametrize("name", ["voc_semi", "voc_semi_wo_cls"])
+def test_semi_configs_are_wired_to_the_voc_reader(name, tmp_path):
+    """The semi settings read VOC with the pixel-labelled list marked (no compilation here;
+    their objectives are covered by tests/test_losses.py and the parity tool)."""
+    from slr_jax import data
+
+    config = _fake_voc_config(name, tmp_path)
+    validate_config(config)
+    batch = next(data.train_dataset(config))
+    assert batch["image"].shape == (2, 33, 33, 3) and batch["labels"].shape == (2, 20)
+    assert batch["is_labeled"].all()  # the fake 'train' list is the whole training list
+    plan = train.plan_steps(config.train, data.num_train_examples(config))
+    assert plan.total_steps == 2 * (data.num_train_examples(config) // 2)
+
+
+def test_voc_config_trains_on_a_tiny_fake_voc(tmp_path, compile_cache):
+    """configs/voc.py end to end (8 steps and the evaluation) on a VOC-layout folder."""
+    config = _fake_voc_config("voc", tmp_path)
+    result = train.train_and_evaluate(config, tmp_path / "workdir")
+    assert result["step"] == TOTAL_STEPS
+    assert all(np.isfinite(h["total"]) for h in result["history"])
+    results = json.loads((tmp_path / "workdir" / "results.json").read_text())
+    assert "aeroplane" in results["per_class_iou"]
+
+
+def test_main_evaluates_and_infers_from_a_training_workdir(full_run, compile_cache, tmp_path):
+    """--mode=evaluate writes the score table files; --mode=infer labels photographs."""
+    config, workdir, _ = full_run
+    overrides = [
+        "--config.model.num_classes=21",
+        "--config.model.width=0.0625",
+        f"--config.dataset.manual_dir={config.dataset.manual_dir}",
+        "--config.dataset.num_train=8",
+        "--config.dataset.num_val=2",
+        "--config.dataset.image_size=40",
+        "--config.test.scales=(1.0,)",
+        "--config.test.flip=False",
+    ]
+    env = dict(
+        os.environ,
+        JAX_COMPILATION_CACHE_DIR=str(compile_cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
+    base = [sys.executable, "-m", "slr_jax.main", "--config=configs/demo.py", *overrides]
+    run = lambda *args: subprocess.run(
+        [*base, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    proc = run("--mode=evaluate", f"--checkpoint={workdir}", f"--output={tmp_path / 'eval'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mIoU" in proc.stdout or "miou" in proc.stdout.lower()
+    scores = json.loads((tmp_path / "eval" / "scores_pred" / "scores.json").read_text())
+    assert 0.0 <= scores["miou"] <= 1.0
+    assert (tmp_path / "eval" / "scores_pred" / "scores.csv").read_text().startswith("class,")
+    photos = Path(config.dataset.manual_dir) / "JPEGImages"
+    proc = run("--mode=infer", f"--checkpoint={workdir}", f"--output={tmp_path / 'inf'}",
+               f"--images={photos}")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list((tmp_path / "inf" / "pred").glob("*.png"))) == len(list(photos.glob("*.jpg")))
+    proc = run("--mode=infer", f"--checkpoint={tmp_path / 'missing'}", "--output=x")
+    assert proc.returncode != 0 and "is not a folder" in proc.stderr

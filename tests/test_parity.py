@@ -1,0 +1,152 @@
+"""Tests of slr_jax.parity: near-tie diagnostics and report formatting (fast, no reference),
+and the full comparison against a PyTorch SLRNet checkout named by ``SLR_REFERENCE_REPO``."""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from slr_jax import parity
+from slr_jax.losses import code_consistency
+
+
+def _codes_with_gaps(gaps, k=5, seed=0):
+    """(1, len(gaps), 1, k) codes whose top-2 gap per pixel is ``gaps``, max at varying atoms."""
+    rng = np.random.default_rng(seed)
+    codes = np.zeros((1, len(gaps), 1, k), np.float64)
+    for i, gap in enumerate(gaps):
+        row = rng.uniform(0.0, 0.1, k)
+        first, second = rng.choice(k, 2, replace=False)
+        row[first], row[second] = 0.5 + gap, 0.5
+        codes[0, i, 0] = row
+    return codes
+
+
+def test_near_ties_counts_pixels_below_eps():
+    gaps = [0.0, 5e-7, 2e-6, 1e-3, 0.3]
+    codes = _codes_with_gaps(gaps)
+    np.testing.assert_allclose(parity.top2_gap(codes)[0, :, 0], gaps, atol=1e-12)
+    assert parity.near_ties(codes, eps=1e-6) == 2
+    assert parity.near_ties(codes, eps=1e-2) == 4
+    np.testing.assert_array_equal(
+        parity.near_tie_mask(codes, eps=1e-6)[0, :, 0], [True, True, False, False, False]
+    )
+
+
+def test_near_ties_rejects_single_atom():
+    with pytest.raises(ValueError, match="at least 2 atoms"):
+        parity.near_ties(np.zeros((1, 2, 2, 1)))
+
+
+def test_jax_tie_mask_matches_numpy():
+    codes = _codes_with_gaps([0.0, 3e-7, 4e-6, 0.2, 0.0, 1e-1], k=7, seed=3).astype(np.float32)
+    ours = np.asarray(parity._near_tie_mask_jnp(jnp.asarray(codes), 1e-6))
+    np.testing.assert_array_equal(ours, parity.near_tie_mask(codes, 1e-6))
+
+
+def test_masked_code_consistency():
+    rng = np.random.default_rng(1)
+    codes = rng.uniform(size=(2, 3, 4, 6)).astype(np.float32)
+    codes2 = rng.uniform(size=(2, 3, 4, 6)).astype(np.float32)
+    everything = np.ones((2, 3, 4), bool)
+    np.testing.assert_allclose(
+        parity.masked_code_consistency(codes, codes2, everything),
+        code_consistency(jnp.asarray(codes), jnp.asarray(codes2)),
+        rtol=1e-6,
+    )
+    # Independent NumPy computation on the kept pixels only.
+    keep = rng.uniform(size=(2, 3, 4)) > 0.4
+    one_max = lambda c: np.where(c == c.max(-1, keepdims=True), c, 0.0)
+    expected = np.abs(one_max(codes) - one_max(codes2))[keep].mean()
+    got = parity.masked_code_consistency(codes, codes2, keep)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert float(parity.masked_code_consistency(codes, codes2, ~everything)) == 0.0
+
+
+def test_canonical_name_resolves_reference_aliases():
+    assert (
+        parity.canonical_name("newly_added.6.transform1.weight")
+        == "factorization_reconstruction.transform1.weight"
+    )
+    assert parity.canonical_name("newly_added.8.4.bias") == "aux_head.4.bias"
+    assert parity.canonical_name("backbone.b4.bn_branch2a.weight") == (
+        "backbone.b4.bn_branch2a.weight"
+    )
+
+
+def test_compare_reports_max_abs_and_relative_error():
+    row = parity.compare("x", [1.0, 2.0, 2.0], [1.0, 2.0, 2.0 + 1e-3], 1e-5)
+    assert row.max_abs == pytest.approx(1e-3)
+    assert row.rel == pytest.approx(1e-3 / 3.0, rel=1e-3)
+    assert row.status == "FAIL" and not row.passed
+    with pytest.raises(ValueError, match=r"shape \(2,\) \(JAX\) vs \(3,\)"):
+        parity.compare("x", np.zeros(2), np.zeros(3), 1e-5)
+
+
+def _rows():
+    return [
+        parity.Row("test/masks", 1e-6, 2e-7, 1e-5),
+        parity.Row("loss/code_consistency", 7e-7, 2e-4, 1e-5, "ties", parity.TIE_LIMITED),
+        parity.Row("grad/total [a.weight]", 1e-8, 5e-5, 1e-4, "", parity.TIE_LIMITED),
+        parity.Row("grad/frozen", 2.0, 0.0, np.inf, "ignored", parity.INFO),
+    ]
+
+
+META = dict(setting="wsss", crop=65, batch=2, seed=0, tie_eps=1e-6)
+
+
+def test_report_table_and_json():
+    report = parity.make_report(META, _rows(), {"run_s": 1.234})
+    assert report["passed"]
+    assert [r["status"] for r in report["rows"]] == ["pass", "tie-limited", "pass", "info"]
+    assert report["timings"] == {"run_s": 1.23}
+    assert json.loads(json.dumps(report)) == report
+    table = parity.format_table(report)
+    lines = table.splitlines()
+    assert lines[0] == "setting=wsss crop=65 batch=2 seed=0 tie_eps=1e-06"
+    code_line = next(line for line in lines if line.startswith("loss/code_consistency"))
+    assert code_line.split()[1:] == ["7.000e-07", "2.000e-04", "1e-05", "tie-limited"]
+    assert "    ties" in lines and lines[-1] == "PASSED"
+
+    markdown = parity.format_markdown(report).splitlines()
+    assert len(markdown) == 2 + len(_rows())
+    assert (
+        markdown[3]
+        == "| `loss/code_consistency` | 7.00e-07 | 2.00e-04 | 1e-05 | tie-limited | ties |"
+    )
+
+    failing = _rows() + [parity.Row("loss/seg", 1e-3, 1e-3, 1e-5)]
+    report = parity.make_report(META, failing, {})
+    assert not report["passed"]
+    assert parity.format_table(report).splitlines()[-1] == "FAILED"
+
+
+def test_main_rejects_a_path_that_is_not_a_checkout(tmp_path, capsys):
+    pytest.importorskip("torch")
+    assert parity.main(["--reference-repo", str(tmp_path), "--no-grads"]) == 2
+    assert "git clone https://github.com/DesertsP/SLRNet" in capsys.readouterr().err
+
+
+REFERENCE = os.environ.get("SLR_REFERENCE_REPO")
+
+
+@pytest.mark.skipif(
+    not REFERENCE,
+    reason="set SLR_REFERENCE_REPO to a checkout of github.com/DesertsP/SLRNet (and install "
+    "torch) to compare against the PyTorch reference",
+)
+def test_wsss_matches_reference(tmp_path):
+    """The whole tool at a small crop: outputs, codes, losses and gradients (~2-5 min CPU)."""
+    pytest.importorskip("torch")
+    out = tmp_path / "parity.json"
+    code = parity.main(["--reference-repo", REFERENCE, "--crop", "65", "--json", str(out)])
+    report = json.loads(out.read_text())
+    failed = [r["name"] for r in report["rows"] if not r["passed"]]
+    assert code == 0 and report["passed"], failed
+    names = [r["name"] for r in report["rows"]]
+    for expected in ("train/codes", "train/codes2 (resized to view 1)",
+                     "loss/code_consistency (tie-free)", "loss/seg"):  # fmt: skip
+        assert expected in names
+    assert sum(name.startswith("grad/") for name in names) == 5
