@@ -104,6 +104,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.test.use_image_labels = False
     config.test.resize = "pil_bicubic"
     config.test.mode = "test"
+    # Views padded to k * bucket_step + 1 px: one compilation per size bucket (0: no padding,
+    # the reference's exact computation; docs/inference.md measures the difference).
+    config.test.bucket_step = 64
+    config.test.bucket_pad = "constant"  # constant (ImageNet mean) | edge | reflect | symmetric
+    config.test.resume = True  # skip images whose outputs this run's settings already wrote
     # Dense CRF (utils/dcrf.py of the reference).
     config.test.crf = ml_collections.ConfigDict(
         dict(n_iters=10, gaussian_sxy=3, gaussian_compat=3, bilateral_sxy=80,

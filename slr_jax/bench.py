@@ -509,32 +509,18 @@ class ReferenceSide:
         return self.loss
 
     def inference_fn(self, photo: np.ndarray) -> Callable[[], Any]:
-        torch = self.torch
-        import torch.nn.functional as F
-
         test = self.config.test
-        scales, flip = tuple(test.scales), bool(test.flip)
-        single_scale = str(test.mode) == "test"
-        size = photo.shape[:2]
 
         def run():
             self.net.eval()
-            masks_total = cls_total = None
-            with torch.no_grad():
-                for scale in scales:
-                    view = infer_lib.scaled_input(photo, scale, str(test.resize))
-                    views = np.stack([view, view[:, ::-1]]) if flip else view[None]
-                    x = torch.from_numpy(np.ascontiguousarray(np.transpose(views, (0, 3, 1, 2))))
-                    cls, masks = self.net(x.to(self.device), single_scale=single_scale)
-                    summed = masks[0] + masks[1].flip(-1) if flip else masks[0]
-                    cls = (cls[0] + cls[1]) / 2.0 if flip else cls[0]
-                    summed = F.interpolate(summed[None], size, mode="bilinear", align_corners=True)[
-                        0
-                    ]
-                    masks_total = summed if masks_total is None else masks_total + summed
-                    cls_total = cls if cls_total is None else cls_total + cls
-                masks_mean = masks_total / ((2 if flip else 1) * len(scales))
-                out = (cls_total / len(scales)).cpu().numpy(), masks_mean.cpu().numpy()
+            out = parity.reference_multiscale_predict(
+                self.net,
+                photo,
+                tuple(test.scales),
+                flip=bool(test.flip),
+                single_scale=str(test.mode) == "test",
+                device=self.device,
+            )
             self._sync()
             return out
 

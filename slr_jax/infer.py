@@ -17,17 +17,36 @@ Follows the reference inference scripts (``tools/infer_voc.py``, ``infer_voc_wo_
 5. Label map = argmax over classes; with ``use_crf`` the dense CRF refines the same adjusted
    probabilities before the argmax (the reference writes both, to ``pred/`` and ``crf/``).
 
+Two additions that are not in the reference, both in :func:`run_inference`:
+
+- Size buckets (``test.bucket_step``, default 64): every network input is padded at the bottom
+  and right to ``k * bucket_step + 1`` pixels (``test.bucket_pad``: how), so one compiled
+  program serves every image whose views fall in the same buckets. The network's class maps
+  are cropped back to the valid region on their stride-4 grid, then resized exactly as the
+  unpadded forward would have resized them, and the class scores are recomputed from the valid
+  cells; what still differs is the context the network sees beyond the border (receptive
+  fields and its global poolings). ``bucket_step=0`` is the exact
+  reference computation, one compilation per view size. See ``docs/inference.md``.
+- Restart (``test.resume``, default True): an image whose outputs are already in the output
+  folder, written by a run with the same settings, variables and image (a key stored in each
+  PNG), is not predicted again; its saved label maps are read back for the scores.
+
 Command line (plain JPG/PNG photographs, no ground truth)::
 
     python -m slr_jax.infer --checkpoint CKPT_DIR --images FOLDER_OR_FILES --out OUT_DIR \
-        [--scales 1,1.5,2,0.5,0.75] [--crf] [--no-flip] [--save-probs]
+        [--scales 1,1.5,2,0.5,0.75] [--crf] [--no-flip] [--save-probs] [--bucket-step 64] \
+        [--no-resume]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
+import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,10 +54,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from slr_jax import evaluate
 from slr_jax.ops import resize_bilinear_align_corners
+from slr_jax.ops.resize import interp_matrix_np  # float64 NumPy weights (cached)
 
 DEFAULT_SCALES: tuple[float, ...] = (1.0, 1.5, 2.0, 0.5, 0.75)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -54,6 +74,12 @@ CRF_KEYS = (
     "bilateral_compat",
 )
 IGNORE_LABEL = 255
+# SLRNet predicts its class maps at stride 4 (conv3) and upsamples them to the input size;
+# with symmetric conv padding, grid cell i sits on input pixel 4 * i.
+MASK_STRIDE = 4
+BUCKET_PAD_MODES = ("constant", "edge", "reflect", "symmetric")
+# PNG text chunk holding the key of the run + image that wrote a label map (restart check).
+PNG_KEY = "slr_jax_key"
 # Reference command-line defaults (tools/infer_voc.py).
 DEFAULT_TEST = {
     "scales": DEFAULT_SCALES,
@@ -68,6 +94,10 @@ DEFAULT_TEST = {
     "mode": "test",
     "crf": {},
     "class_pows": {},
+    # Not in the reference (see the module docstring): compile-size buckets and restart.
+    "bucket_step": 64,
+    "bucket_pad": "constant",
+    "resume": True,
 }
 
 ApplyFn = Callable[..., Mapping[str, Any]]
@@ -162,35 +192,139 @@ def _check_image(image: Any) -> np.ndarray:
 _FORWARD_CACHE: dict[Any, Callable] = {}
 
 
-def _forward_fn(apply_fn: ApplyFn, mode: str) -> Callable:
-    """Jitted ``(variables, views (V,h,w,3), out_size) -> (cls (C-1,), masks sum (H,W,C))``.
+def bucket_size(size: int, step: int) -> int:
+    """The padded length of an axis of ``size`` pixels: the smallest ``k * step + 1 >= size``.
 
-    One jitted function per (apply_fn, mode); XLA caches one executable per input shape.
+    ``step`` 0 means no bucketing (``size`` itself). Lengths of the form ``4k + 1`` keep
+    SLRNet's stride-4 grid on input pixels ``4i`` of the padded view as of the unpadded one.
+    """
+    if step <= 0:
+        return int(size)
+    return max(1, -(-(int(size) - 1) // step)) * step + 1
+
+
+def pad_view(view: np.ndarray, size: tuple[int, int], mode: str = "constant") -> np.ndarray:
+    """(h, w, 3) normalised view -> (size[0], size[1], 3), padded at the bottom and right.
+
+    ``mode``: a NumPy pad mode of :data:`BUCKET_PAD_MODES` (``constant`` pads with 0, the
+    ImageNet mean colour after normalisation). The valid region stays at ``[:h, :w]``.
+    """
+    if mode not in BUCKET_PAD_MODES:
+        raise InferenceError(f"unknown bucket_pad {mode!r}; expected one of {BUCKET_PAD_MODES}.")
+    extra = (int(size[0]) - view.shape[0], int(size[1]) - view.shape[1])
+    if min(extra) < 0:
+        raise InferenceError(f"cannot pad a {view.shape[:2]} view to the smaller size {size}.")
+    if extra == (0, 0):
+        return view
+    return np.pad(view, ((0, extra[0]), (0, extra[1]), (0, 0)), mode=mode)
+
+
+def _grid_length(size: int, stride: int) -> int:
+    """Cells of the stride-``stride`` grid of an axis of ``size`` pixels (cell i at pixel s*i)."""
+    return (int(size) - 1) // stride + 1
+
+
+@functools.lru_cache(maxsize=512)
+def _axis_matrix(
+    valid: int, padded: int, out: int, out_padded: int, stride: int, mirror: bool
+) -> np.ndarray:
+    """(out_padded, grid of ``padded``) float32: stride grid of a padded network output ->
+    the original image axis, as the unpadded path computes it.
+
+    Rows ``out..`` and columns past the valid grid are zero (the crop). With ``stride`` 1
+    (no bucketing) it is the align-corners resize valid -> out; otherwise the network's own
+    upsampling of its valid grid to ``valid`` pixels composed with that resize. ``mirror``
+    folds in flipping the mirrored view back. Composed in float64 from the float32 weights.
+    """
+    to_image = interp_matrix_np(valid, out)  # (out, valid)
+    if mirror:
+        to_image = to_image[:, ::-1]
+    grid = _grid_length(valid, stride)
+    if stride > 1:
+        to_image = to_image @ interp_matrix_np(grid, valid)  # (out, grid)
+    matrix = np.zeros((out_padded, _grid_length(padded, stride)), np.float32)
+    matrix[:out, :grid] = to_image
+    return matrix
+
+
+def valid_class_scores(masks: jax.Array, valid: jax.Array) -> jax.Array:
+    """SLRNet's class scores (V, C-1) from its stride-grid masks (V, gh, gw, C), pooled over
+    the valid cells ``[:valid[0], :valid[1]]`` only (``valid`` may be traced).
+
+    The main head's background logit is the constant 1, so its logits are ``1 + log(m_c /
+    m_0)``; the scores are then ``slr_jax.models.heads.mask_pooled_scores`` restricted to the
+    valid cells: ``sum(x*m) / (1 + sum(m)) + (1 - mean m)^3 log(0.01 + mean m)``. With no
+    padding this is the network's own ``cls`` (to float rounding, while no probability
+    underflows to 0).
+    """
+    from slr_jax.models.heads import focal_penalty
+
+    rows = jnp.arange(masks.shape[1]) < valid[0]
+    cols = jnp.arange(masks.shape[2]) < valid[1]
+    weight = (rows[:, None] & cols[None, :]).astype(jnp.float32)[None, :, :, None]
+    tiny = jnp.finfo(jnp.float32).tiny
+    log_masks = jnp.log(jnp.maximum(masks, tiny))
+    logits = 1.0 + log_masks - log_masks[..., :1]
+    kept = masks * weight
+    pooled = jnp.sum(logits * kept, axis=(1, 2)) / (1.0 + jnp.sum(kept, axis=(1, 2)))
+    mean = jnp.sum(kept, axis=(1, 2)) / jnp.sum(weight)
+    return (pooled + focal_penalty(mean))[:, 1:]
+
+
+def _network_fn(apply_fn: ApplyFn, mode: str, stride: int = 1, rescore: bool = False) -> Callable:
+    """Jitted ``(variables, views (V, hp, wp, 3), valid (2,) int32) -> (cls (C-1,), grid masks
+    (V, gh, gw, C))``: the network's masks sampled on their stride-``stride`` grid (the whole
+    map with ``stride`` 1) and its class logits averaged over the views.
+
+    With ``rescore`` the class scores are :func:`valid_class_scores` of the ``valid`` grid
+    cells instead of the network's ``cls``. One executable per view shape, one jitted function
+    per (apply_fn, mode, stride, rescore).
     """
 
-    def forward(variables, views, out_size):
+    def network(variables, views, valid):
         outputs = apply_fn(variables, views, mode=mode)
         masks = outputs["masks"].astype(jnp.float32)
-        cls = outputs["cls"].astype(jnp.float32)
-        masks_sum = masks[0]
-        if views.shape[0] == 2:
-            masks_sum = masks_sum + masks[1][:, ::-1]
-            class_logits = (cls[0] + cls[1]) / 2.0
+        if masks.shape[1:3] != views.shape[1:3]:
+            raise InferenceError(
+                f"apply_fn returned masks of shape {masks.shape} for inputs {views.shape}; "
+                "inference needs class maps at the input size."
+            )
+        masks = masks[:, ::stride, ::stride]
+        if rescore:
+            cls = valid_class_scores(masks, valid)
         else:
-            class_logits = cls[0]
-        resized = resize_bilinear_align_corners(masks_sum[None], out_size)[0]
-        return class_logits, resized
+            cls = outputs["cls"].astype(jnp.float32)
+        return jnp.mean(cls, axis=0), masks
 
     try:
-        key = (apply_fn, mode)
+        key = (apply_fn, mode, stride, rescore)
         hash(key)
     except TypeError:
-        return jax.jit(forward, static_argnums=2)
+        return jax.jit(network)
     if key not in _FORWARD_CACHE:
         if len(_FORWARD_CACHE) > 32:
             _FORWARD_CACHE.clear()
-        _FORWARD_CACHE[key] = jax.jit(forward, static_argnums=2)
+        _FORWARD_CACHE[key] = jax.jit(network)
     return _FORWARD_CACHE[key]
+
+
+@jax.jit
+def _grid_to_image(masks, rows, cols, cols_mirror):
+    """Grid masks (V, gh, gw, C) -> their sum (Hb, Wb, C) over the views on the image grid.
+
+    ``rows`` (Hb, gh), ``cols`` (Wb, gw) and, for view 1 (the mirrored one), ``cols_mirror``
+    crop and resize (see :func:`_axis_matrix`). Cheap to compile, one executable per shape.
+    """
+    highest = jax.lax.Precision.HIGHEST
+
+    def to_image(view_masks, col_matrix):
+        y = jnp.einsum("oh,hwc->owc", rows, view_masks, precision=highest)
+        return jnp.einsum("pw,owc->opc", col_matrix, y, precision=highest)
+
+    total = to_image(masks[0], cols)
+    if masks.shape[0] == 2:
+        total = total + to_image(masks[1], cols_mirror)
+    return total
 
 
 def _check_scales(scales: Sequence[float]) -> tuple[float, ...]:
@@ -206,6 +340,21 @@ def _check_scales(scales: Sequence[float]) -> tuple[float, ...]:
     return scales
 
 
+def _check_bucket_step(step: Any, stride: int) -> int:
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise InferenceError(
+            f"bucket_step must be an integer >= 0 (0 = no padding), got {step!r}; e.g. 64."
+        )
+    if int(stride) < 1:
+        raise InferenceError(f"mask_stride must be >= 1, got {stride}.")
+    if step % stride:
+        raise InferenceError(
+            f"bucket_step {step} is not a multiple of the network's mask stride {stride}; "
+            f"use e.g. {stride * 16} (or 0 to switch buckets off)."
+        )
+    return int(step)
+
+
 def multiscale_predict(
     apply_fn: ApplyFn,
     variables: Any,
@@ -215,6 +364,10 @@ def multiscale_predict(
     flip: bool = True,
     resize: str = "pil_bicubic",
     mode: str = "test",
+    bucket_step: int = 0,
+    bucket_pad: str = "constant",
+    mask_stride: int = MASK_STRIDE,
+    rescore: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Multi-scale (+ mirrored) prediction of one image -> (cls (C-1,), masks (H, W, C)).
 
@@ -223,20 +376,48 @@ def multiscale_predict(
     reference's co-clustering option). ``image``: (H, W, 3) uint8 RGB (exact reference
     pre-processing) or float32 normalised. ``cls`` are logits averaged over views and scales;
     ``masks`` are class probabilities averaged over all views at (H, W).
+
+    ``bucket_step`` > 0 pads every view (``bucket_pad``) to :func:`bucket_size` and the
+    accumulated maps to the bucket of (H, W), so images of different sizes share compiled
+    programs; it assumes ``apply_fn`` upsamples (align-corners) class maps computed on a
+    stride-``mask_stride`` grid whose cell i is input pixel ``mask_stride * i`` (SLRNet: 4).
+    The valid part of that grid is cropped before any resize; the result differs from
+    ``bucket_step=0`` (the reference computation) only through what the network sees of the
+    padding. The returned maps always cover exactly the (H, W) of ``image``. ``rescore``
+    (SLRNet's single-view ``mode='test'`` only, not ``semi_wo_cls``) recomputes the class
+    scores from the masks of the valid grid (:func:`valid_class_scores`), so the padding does
+    not enter them either.
     """
     image = _check_image(image)
     scales = _check_scales(scales)
-    out_size = tuple(int(d) for d in image.shape[:2])
-    forward = _forward_fn(apply_fn, mode)
+    step = _check_bucket_step(bucket_step, mask_stride)
+    stride = int(mask_stride) if step else 1
+    height, width = (int(d) for d in image.shape[:2])
+    out_padded = (bucket_size(height, step), bucket_size(width, step))
+    if rescore and (mode != "test" or not step):
+        raise InferenceError(
+            f"rescore needs buckets (bucket_step > 0) and the single-view mode 'test' (got "
+            f"bucket_step={step}, mode={mode!r})."
+        )
+    network = _network_fn(apply_fn, mode, stride, bool(rescore))
     masks_total, cls_total = None, None
     for scale in scales:
         view = scaled_input(image, scale, resize)
-        views = np.stack([view, view[:, ::-1]]) if flip else view[None]
-        cls, masks = forward(variables, jnp.asarray(views), out_size)
+        views = [view, view[:, ::-1]] if flip else [view]
+        h, w = view.shape[:2]
+        padded = (bucket_size(h, step), bucket_size(w, step))
+        views = np.stack([pad_view(v, padded, bucket_pad) for v in views])
+        rows = _axis_matrix(h, padded[0], height, out_padded[0], stride, False)
+        cols = _axis_matrix(w, padded[1], width, out_padded[1], stride, False)
+        cols_mirror = _axis_matrix(w, padded[1], width, out_padded[1], stride, True)
+        valid = np.asarray([_grid_length(h, stride), _grid_length(w, stride)], np.int32)
+        cls, grid_masks = network(variables, jnp.asarray(views), valid)
+        masks = _grid_to_image(grid_masks, rows, cols, cols_mirror)
         masks_total = masks if masks_total is None else masks_total + masks
         cls_total = cls if cls_total is None else cls_total + cls
     views_per_scale = 2 if flip else 1
-    masks_mean = np.asarray(masks_total / (views_per_scale * len(scales)), np.float32)
+    masks_total = np.asarray(masks_total)[:height, :width]
+    masks_mean = (masks_total / np.float32(views_per_scale * len(scales))).astype(np.float32)
     cls_mean = np.asarray(cls_total / len(scales), np.float32)
     return cls_mean, masks_mean
 
@@ -381,10 +562,27 @@ def voc_palette() -> list[int]:
     return palette()
 
 
-def save_label_png(path: str | os.PathLike, labels: np.ndarray, palette: bool = True) -> Path:
+def _replace_atomically(path: Path, write: Callable[[Any], None]) -> None:
+    """Writes through ``write(file)`` to a temporary file beside ``path``, then renames it, so
+    an interrupted run never leaves a half-written output under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            write(handle)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def save_label_png(
+    path: str | os.PathLike, labels: np.ndarray, palette: bool = True, key: str | None = None
+) -> Path:
     """Writes (H, W) class indices as a PNG: palette mode 'P' in VOC colours, or grey 'L'.
 
-    Either way the stored pixel values are the class indices.
+    Either way the stored pixel values are the class indices. ``key`` is stored in the PNG's
+    text chunk :data:`PNG_KEY` (the restart check of :func:`run_inference`). The file appears
+    complete or not at all (written to a temporary name, then renamed).
     """
     labels = np.asarray(labels)
     if labels.ndim != 2 or labels.min(initial=0) < 0 or labels.max(initial=0) > 255:
@@ -392,12 +590,14 @@ def save_label_png(path: str | os.PathLike, labels: np.ndarray, palette: bool = 
             f"label map must be (H, W) with values 0..255, got shape {labels.shape}."
         )
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     image = Image.fromarray(labels.astype(np.uint8))
     if palette:
         image = image.convert("P")
         image.putpalette(voc_palette())
-    image.save(path)
+    info = PngImagePlugin.PngInfo()
+    if key is not None:
+        info.add_text(PNG_KEY, key)
+    _replace_atomically(path, lambda handle: image.save(handle, format="PNG", pnginfo=info))
     return path
 
 
@@ -412,6 +612,17 @@ def _safe_name(name: str) -> str:
     return name
 
 
+def output_paths(out_dir: str | os.PathLike, name: str) -> dict[str, Path]:
+    """Where one example's outputs go: ``pred``/``crf`` PNGs and the ``probs`` .npy."""
+    name = _safe_name(name)
+    out_dir = Path(out_dir)
+    return {
+        "pred": out_dir / "pred" / f"{name}.png",
+        "crf": out_dir / "crf" / f"{name}.png",
+        "probs": out_dir / "probs" / f"{name}.npy",
+    }
+
+
 def export_pseudo_labels(
     out_dir: str | os.PathLike,
     name: str,
@@ -420,24 +631,78 @@ def export_pseudo_labels(
     crf_labels: np.ndarray | None = None,
     probs: np.ndarray | None = None,
     palette: bool = True,
+    key: str | None = None,
 ) -> dict[str, Path]:
     """Writes one example's outputs, as the reference lays them out.
 
     ``out_dir/pred/<name>.png`` (argmax, no CRF), ``out_dir/crf/<name>.png`` when
     ``crf_labels`` is given, ``out_dir/probs/<name>.npy`` (H, W, C) float32 when ``probs`` is
     given. Returns the written paths by kind.
+
+    With a ``key`` (restartable runs) the example's earlier PNGs are removed first and the
+    PNGs, which carry the key, are written last; an earlier ``.npy`` is replaced or, without
+    ``probs``, removed. So a PNG with a given key always sits beside the scores of that same
+    computation, or beside none.
     """
-    name = _safe_name(name)
-    out_dir = Path(out_dir)
-    written = {"pred": save_label_png(out_dir / "pred" / f"{name}.png", labels, palette)}
-    if crf_labels is not None:
-        written["crf"] = save_label_png(out_dir / "crf" / f"{name}.png", crf_labels, palette)
+    paths = output_paths(out_dir, name)
+    if key is not None:
+        for kind in ("pred", "crf"):
+            paths[kind].unlink(missing_ok=True)
+        if probs is None:
+            paths["probs"].unlink(missing_ok=True)
+    written = {}
     if probs is not None:
-        path = out_dir / "probs" / f"{name}.npy"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, np.asarray(probs, np.float32))
-        written["probs"] = path
+        array = np.asarray(probs, np.float32)
+        _replace_atomically(paths["probs"], lambda handle: np.save(handle, array))
+        written["probs"] = paths["probs"]
+    if crf_labels is not None:
+        written["crf"] = save_label_png(paths["crf"], crf_labels, palette, key)
+    written["pred"] = save_label_png(paths["pred"], labels, palette, key)
     return written
+
+
+def _read_keyed_png(path: Path, key: str, shape: tuple[int, int], num_classes: int):
+    """The (H, W) labels of ``path`` if it is a readable PNG written with ``key``, else None."""
+    try:
+        with Image.open(path) as png:
+            if png.format != "PNG" or png.text.get(PNG_KEY) != key:
+                return None
+            labels = np.array(png)
+    except (OSError, ValueError, SyntaxError):  # missing, truncated or not an image
+        return None
+    if labels.shape != tuple(shape) or labels.max(initial=0) >= num_classes:
+        return None
+    return labels
+
+
+def finished_outputs(
+    out_dir: str | os.PathLike,
+    name: str,
+    key: str,
+    shape: tuple[int, int],
+    num_classes: int,
+    *,
+    use_crf: bool,
+    save_probs: bool,
+) -> dict[str, np.ndarray] | None:
+    """The saved label maps {'pred': (H, W)[, 'crf': ...]} of an example a run with the same
+    ``key`` completed, or None when any output it needs is missing, unreadable, of another
+    size, or was written by a different run (settings, variables or image)."""
+    paths = output_paths(out_dir, name)
+    labels = {}
+    for kind in ("pred", "crf") if use_crf else ("pred",):
+        found = _read_keyed_png(paths[kind], key, shape, num_classes)
+        if found is None:
+            return None
+        labels[kind] = found
+    if save_probs:
+        try:
+            probs = np.load(paths["probs"], mmap_mode="r")
+        except (OSError, ValueError):
+            return None
+        if probs.shape != (*shape, num_classes) or probs.dtype != np.float32:
+            return None
+    return labels
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -494,11 +759,66 @@ def inference_settings(cfg: Any) -> dict[str, Any]:
     settings["scales"] = _check_scales(settings["scales"])
     settings["crf"] = crf_settings(settings["crf"])
     settings["class_pows"] = {int(k): float(v) for k, v in dict(settings["class_pows"]).items()}
+    settings["bucket_step"] = _check_bucket_step(settings["bucket_step"], MASK_STRIDE)
+    if settings["bucket_pad"] not in BUCKET_PAD_MODES:
+        raise InferenceError(
+            f"config.test.bucket_pad={settings['bucket_pad']!r}; expected one of "
+            f"{BUCKET_PAD_MODES}."
+        )
+    if not isinstance(settings["resume"], (bool, np.bool_)):
+        raise InferenceError(
+            f"config.test.resume must be True or False, got {settings['resume']!r}."
+        )
     return settings
 
 
 def _model_settings(cfg: Any) -> Any:
     return cfg.model if hasattr(cfg, "model") else cfg["model"]
+
+
+def variables_fingerprint(variables: Any) -> str:
+    """Hex digest of every leaf's path, dtype, shape and bytes (same variables, same digest).
+
+    A leaf sharded over several processes contributes the shards this process holds.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            parts = [(str(s.index), s.data) for s in leaf.addressable_shards]
+        else:
+            leaf = np.asarray(jax.device_get(leaf))
+            parts = [("", leaf)]
+        digest.update(f"{jax.tree_util.keystr(path)}:{leaf.dtype}:{leaf.shape};".encode())
+        for index, part in parts:
+            array = np.ascontiguousarray(np.asarray(jax.device_get(part)))
+            digest.update(index.encode())
+            digest.update(array.reshape(-1).view(np.uint8))
+    return digest.hexdigest()
+
+
+def run_key(settings: Mapping[str, Any], model_cfg: Any, variables: Any, apply_fn: Any) -> str:
+    """Digest of everything that decides an image's outputs except the image itself: the
+    ``test`` settings (``resume`` aside), the model config, the variables, and the name of a
+    custom ``apply_fn``."""
+    model = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
+    described = {
+        "settings": {k: v for k, v in settings.items() if k != "resume"},
+        "model": model,
+        "apply_fn": getattr(apply_fn, "__qualname__", type(apply_fn).__name__),
+        "variables": variables_fingerprint(variables),
+    }
+    text = json.dumps(described, sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def image_key(key: str, image_uint8: np.ndarray, image_labels: np.ndarray | None) -> str:
+    """The restart key of one image: ``key`` (:func:`run_key`) + its pixels (+ labels used)."""
+    digest = hashlib.blake2b(key.encode(), digest_size=16)
+    digest.update(f"{image_uint8.shape}".encode())
+    digest.update(np.ascontiguousarray(image_uint8).reshape(-1))
+    if image_labels is not None:
+        digest.update(np.asarray(image_labels, np.float32).tobytes())
+    return digest.hexdigest()
 
 
 def _example_fields(example: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -558,9 +878,20 @@ def run_inference(
     ``examples``: dicts with ``name`` and ``image`` ((H, W, 3) uint8, or the evaluation
     pipeline's batches of one with normalised ``image`` and ``raw_image``), optionally
     ``labels`` (C-1,) and ``mask`` (H, W) ground truth (255 = ignore). The model is built from
-    ``cfg.model`` with ``cfg.test.num_iters`` unless ``apply_fn`` is given. Returns
-    {'num_images', 'num_scored', 'out_dir', 'scores': {'pred': ..., 'crf': ...} (images with
-    ground truth), 'confusions': {'pred': (C, C) int64, ...} (for summing over processes)}.
+    ``cfg.model`` with ``cfg.test.num_iters`` unless ``apply_fn`` is given (with
+    ``cfg.test.bucket_step`` > 0 it must follow SLRNet's stride-4 convention, see
+    :func:`multiscale_predict`).
+
+    With ``cfg.test.resume`` (default True) an example whose outputs in ``out_dir`` were
+    written by a run with the same settings, model, variables and image is not predicted
+    again (:func:`finished_outputs`); its saved label maps are scored instead. ``log`` gets
+    one line per example and a last line with the throughput.
+
+    Returns {'num_images', 'num_predicted', 'num_skipped', 'num_scored', 'seconds' (whole
+    loop), 'images_per_second' (predicted images over the time spent on them: forward,
+    compilation, CRF and writing; None if none was predicted), 'out_dir', 'scores': {'pred':
+    ..., 'crf': ...} (images with ground truth), 'confusions': {'pred': (C, C) int64, ...}
+    (for summing over processes)}.
     """
     settings = inference_settings(cfg)
     model_cfg = _model_settings(cfg)
@@ -572,71 +903,125 @@ def run_inference(
         model = build_model(model_cfg).clone(num_iters=int(settings["num_iters"]))
         apply_fn = model.apply
     filter_classes = variant != "semi_wo_cls"
+    use_crf = bool(settings["use_crf"])
     accumulators = {"pred": evaluate.ConfusionAccumulator(num_classes)}
-    if settings["use_crf"]:
+    if use_crf:
         accumulators["crf"] = evaluate.ConfusionAccumulator(num_classes)
-    scored = 0
-    count = 0
+    key = run_key(settings, model_cfg, variables, apply_fn)
+    counts = {"images": 0, "predicted": 0, "skipped": 0, "scored": 0}
+    predict_seconds = 0.0
+    started = time.perf_counter()
     for example in examples:
         fields = _example_fields(example)
         if fields is None:
             continue
-        image_uint8 = fields["image_uint8"]
-        cls, masks = multiscale_predict(
-            apply_fn,
-            variables,
-            image_uint8,
-            scales=settings["scales"],
-            flip=bool(settings["flip"]),
-            resize=settings["resize"],
-            mode=settings["mode"],
-        )
+        example_started = time.perf_counter()
+        name, image_uint8 = fields["name"], fields["image_uint8"]
         image_labels = fields["labels"] if settings["use_image_labels"] else None
         if settings["use_image_labels"] and image_labels is None:
             raise InferenceError(
-                f"{fields['name']}: config.test.use_image_labels is set but the example has no "
+                f"{name}: config.test.use_image_labels is set but the example has no "
                 "'labels'; turn it off to use predicted class presence."
             )
-        probs = adjust_probabilities(
-            cls,
-            masks,
-            fp_cut=float(settings["fp_cut"]),
-            top_k=int(settings["top_k"]),
-            bg_pow=float(settings["bg_pow"]),
-            image_labels=image_labels,
-            filter_classes=filter_classes,
-            class_pows=settings["class_pows"],
-        )
-        outputs = {"pred": labels_from_probabilities(probs)}
-        if settings["use_crf"]:
-            outputs["crf"] = labels_from_probabilities(
-                probs, use_crf=True, image_uint8=image_uint8, crf=settings["crf"]
+        example_key = image_key(key, image_uint8, image_labels)
+        outputs = None
+        if settings["resume"]:
+            outputs = finished_outputs(
+                out_dir,
+                name,
+                example_key,
+                image_uint8.shape[:2],
+                num_classes,
+                use_crf=use_crf,
+                save_probs=save_probs,
             )
-        export_pseudo_labels(
-            out_dir,
-            fields["name"],
-            outputs["pred"],
-            crf_labels=outputs.get("crf"),
-            probs=probs if save_probs else None,
-            palette=palette,
-        )
+        if outputs is not None:
+            counts["skipped"] += 1
+            status = "done before, skipped"
+        else:
+            outputs, probs = _predict_example(
+                apply_fn, variables, image_uint8, image_labels, settings, filter_classes
+            )
+            export_pseudo_labels(
+                out_dir,
+                name,
+                outputs["pred"],
+                crf_labels=outputs.get("crf"),
+                probs=probs if save_probs else None,
+                palette=palette,
+                key=example_key,
+            )
+            counts["predicted"] += 1
+            predict_seconds += time.perf_counter() - example_started
+            status = f"{counts['predicted'] / predict_seconds:.2f} images/s"
         gt = fields["mask"]
         if gt is not None and (np.asarray(gt) != IGNORE_LABEL).any():
             for kind, labels in outputs.items():
                 accumulators[kind].update(labels, np.asarray(gt))
-            scored += 1
-        count += 1
+            counts["scored"] += 1
+        counts["images"] += 1
         if log is not None:
-            log(f"{fields['name']}: {image_uint8.shape[1]}x{image_uint8.shape[0]}")
-    scores = {kind: acc.result() for kind, acc in accumulators.items()} if scored else {}
+            log(f"{name}: {image_uint8.shape[1]}x{image_uint8.shape[0]} ({status})")
+    seconds = time.perf_counter() - started
+    rate = counts["predicted"] / predict_seconds if counts["predicted"] else None
+    if log is not None:
+        rate_text = f"{rate:.2f} images/s" if rate is not None else "no forward pass"
+        log(
+            f"{counts['images']} images in {seconds:.1f} s: {counts['predicted']} predicted "
+            f"({rate_text}), {counts['skipped']} already in {out_dir}"
+        )
+    scores = {kind: acc.result() for kind, acc in accumulators.items()} if counts["scored"] else {}
     confusions = {kind: acc.confusion.copy() for kind, acc in accumulators.items()}
     return {
-        "num_images": count,
-        "num_scored": scored,
+        "num_images": counts["images"],
+        "num_predicted": counts["predicted"],
+        "num_skipped": counts["skipped"],
+        "num_scored": counts["scored"],
+        "seconds": seconds,
+        "images_per_second": rate,
         "out_dir": Path(out_dir),
         "scores": scores,
         "confusions": confusions,
     }
+
+
+def _predict_example(
+    apply_fn: ApplyFn,
+    variables: Any,
+    image_uint8: np.ndarray,
+    image_labels: np.ndarray | None,
+    settings: Mapping[str, Any],
+    filter_classes: bool,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """({'pred': (H, W) uint8[, 'crf': ...]}, adjusted probabilities (H, W, C)) of one image."""
+    cls, masks = multiscale_predict(
+        apply_fn,
+        variables,
+        image_uint8,
+        scales=settings["scales"],
+        flip=bool(settings["flip"]),
+        resize=settings["resize"],
+        mode=settings["mode"],
+        bucket_step=settings["bucket_step"],
+        bucket_pad=settings["bucket_pad"],
+        rescore=bool(settings["bucket_step"]) and filter_classes and settings["mode"] == "test",
+    )
+    probs = adjust_probabilities(
+        cls,
+        masks,
+        fp_cut=float(settings["fp_cut"]),
+        top_k=int(settings["top_k"]),
+        bg_pow=float(settings["bg_pow"]),
+        image_labels=image_labels,
+        filter_classes=filter_classes,
+        class_pows=settings["class_pows"],
+    )
+    outputs = {"pred": labels_from_probabilities(probs)}
+    if settings["use_crf"]:
+        outputs["crf"] = labels_from_probabilities(
+            probs, use_crf=True, image_uint8=image_uint8, crf=settings["crf"]
+        )
+    return outputs, probs
 
 
 # ----------------------------------------------------------------------------- command line
@@ -718,6 +1103,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--num-iters", type=int, default=1, help="low-rank iterations")
     parser.add_argument("--save-probs", action="store_true", help="write probs/<name>.npy")
+    parser.add_argument(
+        "--bucket-step",
+        type=int,
+        default=DEFAULT_TEST["bucket_step"],
+        help="pad inputs to k*STEP+1 px so sizes share compilations (0: exact, no padding)",
+    )
+    parser.add_argument(
+        "--bucket-pad", choices=BUCKET_PAD_MODES, default=DEFAULT_TEST["bucket_pad"]
+    )
+    parser.add_argument(
+        "--no-resume", action="store_true", help="predict again images already in --out"
+    )
     return parser
 
 
@@ -758,6 +1155,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "top_k": args.top_k,
             "bg_pow": bg_pow,
             "use_crf": args.crf,
+            "bucket_step": args.bucket_step,
+            "bucket_pad": args.bucket_pad,
+            "resume": not args.no_resume,
         },
     }
     summary = run_inference(
@@ -769,7 +1169,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         save_probs=args.save_probs,
         log=print,
     )
-    print(f"wrote {summary['num_images']} label maps to {Path(args.out) / 'pred'}")
+    print(f"{summary['num_images']} label maps in {Path(args.out) / 'pred'}")
     return summary
 
 

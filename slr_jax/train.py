@@ -69,11 +69,16 @@ class StepPlan:
 
 
 def plan_steps(cfg_train: Any, num_examples: int) -> StepPlan:
-    """Epoch length from the data (drop_last, like the reference) or from ``total_steps``."""
+    """Epoch length from the data (drop_last, like the reference) or from ``total_steps``.
+
+    ``total_steps > 0`` fixes the run length exactly; its epochs (for the schedule, checkpoints
+    and evaluation) are ``total_steps // num_epochs`` steps long (at least 1).
+    """
     batch_size = int(cfg_train.batch_size)
     num_epochs = int(cfg_train.num_epochs)
-    if cfg_train.total_steps > 0:
-        steps_per_epoch = max(int(cfg_train.total_steps) // num_epochs, 1)
+    total_steps = int(cfg_train.total_steps)
+    if total_steps > 0:
+        steps_per_epoch = max(total_steps // num_epochs, 1)
     else:
         steps_per_epoch = num_examples // batch_size
         if steps_per_epoch < 1:
@@ -84,7 +89,9 @@ def plan_steps(cfg_train: Any, num_examples: int) -> StepPlan:
     pretrain_steps, decay_steps = optim.reference_schedule_steps(
         num_epochs, int(cfg_train.pretrain_epochs), steps_per_epoch
     )
-    return StepPlan(steps_per_epoch, num_epochs * steps_per_epoch, pretrain_steps, decay_steps)
+    if total_steps <= 0:
+        total_steps = num_epochs * steps_per_epoch
+    return StepPlan(steps_per_epoch, total_steps, pretrain_steps, decay_steps)
 
 
 # ----------------------------------------------------------------------------- devices

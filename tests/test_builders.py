@@ -219,6 +219,31 @@ def test_voc_sbd_missing_listed_file_is_named(tmp_path):
     assert f"{voc_root / 'JPEGImages' / '2007_000004.jpg'} (split 'val')" in message
 
 
+def test_build_command_builds_array_record_and_refuses_bad_input(tmp_path, capsys):
+    from slr_jax.data import build as build_cli
+
+    manual_dir = tmp_path / "manual"
+    voc_root, _ = write_fake_voc_sbd(manual_dir, with_test=False)
+    args = ["voc_sbd", "--manual_dir", str(manual_dir), "--data_dir", str(tmp_path / "data")]
+    assert build_cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "voc_sbd/1.0.0 in " in out and "train 2, train_aug 4, val 2" in out, out
+    builder = tfds.builder("voc_sbd", data_dir=str(tmp_path / "data"))
+    assert builder.is_prepared() and builder.info.file_format.value == "array_record"
+
+    (voc_root / "ImageSets" / "Segmentation" / "val.txt").write_text("")
+    empty = ["voc_sbd", "--manual_dir", str(manual_dir), "--data_dir", str(tmp_path / "d2")]
+    assert build_cli.main(empty) == 2
+    assert "split(s) ['val'] have no examples" in capsys.readouterr().err
+    assert build_cli.main(["voc_sbd", "--data_dir", str(tmp_path / "d3")]) == 2
+    assert "--manual_dir" in capsys.readouterr().err
+    missing = ["coco_seg", "--manual_dir", str(tmp_path / "nope"), "--data_dir", str(tmp_path)]
+    assert build_cli.main(missing) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert build_cli.main(["voc"]) == 2
+    assert "unknown dataset 'voc'" in capsys.readouterr().err
+
+
 def test_voc_sbd_needs_sbd_and_reads_only_class_indices(tmp_path):
     manual_dir = tmp_path / "manual"
     voc_root, sbd_root = write_fake_voc_sbd(manual_dir)

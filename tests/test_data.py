@@ -12,9 +12,15 @@ import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from slr_jax.data import pipeline, transforms, voc
 from slr_jax.data.synthetic import (
+    INFO_FILE,
+    LEGACY_INFO_FILES,
+    MAX_CLASSES,
+    SHAPE_KINDS,
+    class_signature,
     make_synthetic_examples,
     trivial_baseline_scores,
     write_synthetic_voc,
@@ -89,15 +95,91 @@ def test_synthetic_examples_are_deterministic_and_well_formed():
         assert IGNORE_LABEL in values, "shape outlines are marked ignore"
 
 
-def test_synthetic_classes_have_distinct_colours():
-    """Learnability: the mean colour of a class is far from the other classes'."""
-    examples = make_synthetic_examples(30, 48, NUM_CLASSES, seed=0)
-    means = {}
-    for class_id in range(1, NUM_CLASSES):
-        pixels = [e["image"][e["mask"] == class_id] for e in examples]
-        means[class_id] = np.concatenate(pixels).astype(np.float32).mean(0)
-    for a, b in itertools.combinations(means, 2):
-        assert np.abs(means[a] - means[b]).max() > 40, (a, b, means[a], means[b])
+def test_synthetic_class_signatures_are_unique():
+    """Every class is a distinct (shape, texture) pair; the first classes differ in both."""
+    signatures = [class_signature(c) for c in range(1, MAX_CLASSES)]
+    assert len(set(signatures)) == len(signatures) == 254
+    first = signatures[: len(SHAPE_KINDS)]
+    assert [shape for shape, _ in first] == list(SHAPE_KINDS)
+    assert len({texture for _, texture in first}) == len(SHAPE_KINDS)
+    assert class_signature(1) == ("ellipse", "stripes0/4")
+    for bad in (0, MAX_CLASSES):
+        with pytest.raises(ValueError, match="class_id must be a foreground class 1..254"):
+            class_signature(bad)
+
+
+AUTOCORRELATION_SHIFTS = ((0, 1), (1, 0), (1, 1), (1, -1), (0, 2), (2, 0), (2, 2), (2, -2))
+
+
+def object_descriptors(examples):
+    """Per object (connected region of one class): (class, shape, texture, mean colour).
+
+    shape: fill of the bounding box, centroid row offset, hole at the box centre (ring).
+    texture: luminance autocorrelation inside the object at AUTOCORRELATION_SHIFTS.
+    """
+    rows = []
+    for example in examples:
+        luminance = example["image"].astype(np.float64).mean(-1)
+        height, width = luminance.shape
+        for class_id in range(1, NUM_CLASSES):
+            components, count = ndimage.label(example["mask"] == class_id)
+            for k in range(1, count + 1):
+                region = components == k
+                r, c = np.nonzero(region)
+                box_h, box_w = np.ptp(r) + 1, np.ptp(c) + 1
+                centre = (r.min() + r.max()) // 2, (c.min() + c.max()) // 2
+                shape = [r.size / (box_h * box_w), (r.mean() - r.min()) / box_h, not region[centre]]
+                x = luminance - luminance[region].mean()
+                texture = []
+                for dr, dc in AUTOCORRELATION_SHIFTS:
+                    a = slice(0, height - dr), slice(max(0, -dc), width - max(0, dc))
+                    b = slice(dr, height), slice(max(0, dc), width - max(0, -dc))
+                    both = region[a] & region[b]
+                    texture.append((x[a][both] * x[b][both]).mean() / (x[region] ** 2).mean())
+                colour = example["image"][region].mean(0)
+                rows.append((class_id, np.array(shape, float), np.array(texture), colour))
+    return rows
+
+
+def nearest_centroid_accuracy(train, val, feature):
+    centroids = {
+        c: np.mean([row[feature] for row in train if row[0] == c], 0) for c in {r[0] for r in train}
+    }
+    hits = [
+        min(centroids, key=lambda c: np.linalg.norm(row[feature] - centroids[c])) == row[0]
+        for row in val
+    ]
+    return float(np.mean(hits))
+
+
+def test_synthetic_classes_differ_by_shape_and_texture_not_colour():
+    """Shape alone and texture alone name each object's class; colour does not."""
+    train = make_synthetic_examples(40, 48, NUM_CLASSES, seed=0)
+    val = make_synthetic_examples(20, 48, NUM_CLASSES, seed=1)
+    train_objects, val_objects = object_descriptors(train), object_descriptors(val)
+    assert len(val_objects) >= 30 and {row[0] for row in val_objects} == {1, 2, 3, 4}
+    assert nearest_centroid_accuracy(train_objects, val_objects, 1) >= 0.95  # shape
+    assert nearest_centroid_accuracy(train_objects, val_objects, 2) >= 0.95  # texture
+    assert nearest_centroid_accuracy(train_objects, val_objects, 3) <= 0.5  # colour, chance 0.25
+    scores = trivial_baseline_scores(train, val, NUM_CLASSES)
+    assert scores["nearest_colour"]["miou"] < 0.2
+    assert scores["nearest_colour"]["miou"] < scores["all_background"]["miou"]
+
+
+def test_write_synthetic_voc_rewrites_folders_of_other_generator_versions(tmp_path):
+    args = dict(num_train=2, num_val=1, size=24, num_classes=3, seed=0)
+    root = write_synthetic_voc(tmp_path / "shapes", **args)
+    info = (root / INFO_FILE).read_text()
+    image = root / "JPEGImages" / "shapes0_000000.jpg"
+    original = image.read_bytes()
+    image.write_bytes(b"left as it is")
+    write_synthetic_voc(root, **args)  # same arguments and version: nothing is written
+    assert image.read_bytes() == b"left as it is"
+    (root / INFO_FILE).rename(root / LEGACY_INFO_FILES[0])  # as an earlier generator left it
+    write_synthetic_voc(root, **args)
+    assert image.read_bytes() == original
+    assert (root / INFO_FILE).read_text() == info
+    assert not (root / LEGACY_INFO_FILES[0]).exists()
 
 
 @pytest.mark.parametrize(
@@ -452,6 +534,15 @@ def test_synthetic_config_writes_and_reads_its_folder(tmp_path):
     assert len(single_process_eval(cfg)) == 3
     with pytest.raises(DataError, match="is not empty and is not a synthetic dataset folder"):
         pipeline.dataset_root(make_config(tmp_path / "shapes" / "JPEGImages", name="synthetic"))
+    # A folder of the earlier generator (its info file name) is ours: rewritten, not refused.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "synthetic_info.json").write_text("{}")
+    (legacy / "stale.txt").write_text("old")
+    cfg = make_config(legacy, name="synthetic", num_train=5, num_val=2, image_size=36)
+    assert pipeline.dataset_root(cfg) == legacy
+    assert not (legacy / "stale.txt").exists() and not (legacy / "synthetic_info.json").exists()
+    assert len(single_process_eval(cfg)) == 2
 
 
 def test_process_exits_with_a_live_train_iterator(voc_root):
@@ -514,4 +605,3 @@ def test_all_background_baseline_on_synthetic_shapes():
     # Background IoU is the background share of labelled pixels; present shapes score 0.
     expected = float(np.mean(labelled == 0)) / (1 + present)
     assert scores["all_background"]["miou"] == pytest.approx(expected)
-    assert scores["nearest_colour"]["miou"] > scores["all_background"]["miou"]

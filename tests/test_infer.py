@@ -16,6 +16,7 @@ from PIL import Image
 from slr_jax import infer
 from slr_jax.checkpoint import CheckpointError, save_variables
 from slr_jax.models import build_model, variable_shapes
+from slr_jax.ops import resize_bilinear_align_corners
 
 NUM_CLASSES = 5
 HEIGHT, WIDTH = 40, 50
@@ -110,7 +111,7 @@ def test_multiscale_matches_reference_loop():
 def test_multiscale_reuses_the_compiled_forward():
     variables = _fake_variables()
     infer.multiscale_predict(fake_apply, variables, _photo(), scales=(1.0,))
-    forward = infer._forward_fn(fake_apply, "test")
+    forward = infer._network_fn(fake_apply, "test")
     before = forward._cache_size()
     infer.multiscale_predict(fake_apply, variables, _photo(seed=3), scales=(1.0,))
     assert forward._cache_size() == before
@@ -319,12 +320,14 @@ def test_run_inference_on_eval_batches(tmp_path):
     padding = dict(batch, name=np.asarray(["pad"]), is_valid=np.asarray([False]))
     cfg = {
         "model": {"variant": "wsss", "num_classes": NUM_CLASSES},
-        "test": {"scales": (1.0, 0.5), "fp_cut": 0.0, "top_k": 4, "bg_pow": 1.0},
+        # fake_apply's ramp spans the whole input, so padding would change it: no buckets.
+        "test": {"scales": (1.0, 0.5), "fp_cut": 0.0, "top_k": 4, "bg_pow": 1.0, "bucket_step": 0},
     }
     summary = infer.run_inference(
         cfg, variables, [batch, padding], tmp_path, apply_fn=fake_apply, save_probs=True
     )
     assert summary["num_images"] == 1 and summary["num_scored"] == 1
+    assert summary["num_predicted"] == 1 and summary["images_per_second"] > 0
     assert not (tmp_path / "pred" / "pad.png").exists()
     cls, masks = infer.multiscale_predict(fake_apply, variables, image, scales=(1.0, 0.5))
     expected = infer.masks_to_labels(cls, masks, fp_cut=0.0, top_k=4, bg_pow=1.0)
@@ -352,6 +355,7 @@ def test_cli_on_a_folder_of_photographs(tmp_path, tiny_model):
     summary = infer.main(
         ["--checkpoint", str(checkpoint), "--images", str(photos), "--out", str(out)]
         + ["--scales", "1", "--crf", "--save-probs", "--fp-cut", "0.1", "--top-k", "4"]
+        + ["--bucket-step", "0"]  # exact: compared with an unpadded forward below
     )
     assert summary["num_images"] == 2
     for i in range(2):
@@ -432,3 +436,287 @@ def test_bad_inputs_have_clear_errors():
         infer.export_pseudo_labels("/tmp", "../escape", np.zeros((2, 2), np.uint8))
     with pytest.raises(infer.InferenceError, match="shrinks a 3x3 image"):
         infer.reference_scaled_size((3, 3), 0.1)
+    with pytest.raises(infer.InferenceError, match="not a multiple of the network's mask stride"):
+        infer.inference_settings({"test": {"bucket_step": 30}})
+    with pytest.raises(infer.InferenceError, match="integer >= 0"):
+        infer.multiscale_predict(fake_apply, variables, _photo(), bucket_step=-4)
+    with pytest.raises(infer.InferenceError, match="bucket_pad='wrap'"):
+        infer.inference_settings({"test": {"bucket_pad": "wrap"}})
+    with pytest.raises(infer.InferenceError, match="resume must be True or False"):
+        infer.inference_settings({"test": {"resume": "yes"}})
+    stride4_only = lambda v, x, mode: {"cls": x[:, 0, 0], "masks": x[:, ::4, ::4]}
+    with pytest.raises(infer.InferenceError, match="needs class maps at the input size"):
+        infer.multiscale_predict(stride4_only, variables, _photo(), scales=(1.0,))
+
+
+# ----------------------------------------------------------------------------- size buckets
+
+
+def make_strided_fake(trace_counter=None):
+    """A new (uncompiled) model that follows SLRNet's output convention without any global
+    operation: a per-pixel classifier on the stride-4 grid (cell i = input pixel 4i) with a
+    term in the absolute column, upsampled to the input size (align corners). Padding at the
+    bottom/right therefore cannot change its valid cells. ``trace_counter`` (a list) gets one
+    entry per trace, i.e. per compilation."""
+
+    def apply(variables, images, mode="test"):
+        if trace_counter is not None:
+            trace_counter.append(images.shape)
+        grid = images[:, ::4, ::4]
+        column = 4.0 * jnp.arange(grid.shape[2], dtype=jnp.float32)[None, None, :, None]
+        logits = jnp.einsum("bhwc,ck->bhwk", grid, variables["mix"])
+        logits = logits + 0.005 * column * variables["ramp"]
+        masks = jax.nn.softmax(logits, axis=-1)
+        return {
+            "cls": logits[:, 0, 0, 1:],
+            "masks": resize_bilinear_align_corners(masks, images.shape[1:3]),
+        }
+
+    return apply
+
+
+STRIDED_FAKE = make_strided_fake()  # shared, so its compilations are reused across tests
+
+
+def test_bucket_sizes_and_padding():
+    assert [infer.bucket_size(n, 64) for n in (1, 40, 64, 65, 66, 129, 130)] == [
+        65, 65, 65, 65, 129, 129, 193,
+    ]  # fmt: skip
+    assert infer.bucket_size(41, 0) == 41
+    assert all(infer.bucket_size(n, 32) % 4 == 1 for n in range(1, 200))
+    view = infer.normalise_image(_photo(seed=2))
+    for mode in infer.BUCKET_PAD_MODES:
+        padded = infer.pad_view(view, (65, 129), mode)
+        assert padded.shape == (65, 129, 3)
+        np.testing.assert_array_equal(padded[:HEIGHT, :WIDTH], view)
+    assert (infer.pad_view(view, (65, 65), "constant")[HEIGHT:] == 0).all()
+    np.testing.assert_array_equal(infer.pad_view(view, (65, 65), "edge")[-1, :WIDTH], view[-1])
+    assert infer.pad_view(view, (HEIGHT, WIDTH)) is view
+
+
+@pytest.mark.parametrize("pad", ["constant", "edge"])
+def test_buckets_never_crop_the_prediction(pad):
+    """Bucketed = unpadded for a model without global operations, for every image size: the
+    output covers the full (H, W) and no value comes from the padding or a shifted grid."""
+    variables = _fake_variables(3)
+    apply = STRIDED_FAKE
+    scales = (1.0, 0.5, 1.5)
+    for i, (height, width) in enumerate([(40, 50), (66, 63), (23, 97)]):
+        # Noise, so padding (even edge replication) differs from the pixels 4 px inside.
+        image = np.random.RandomState(i).randint(0, 256, (height, width, 3)).astype(np.uint8)
+        exact_cls, exact = infer.multiscale_predict(apply, variables, image, scales=scales)
+        cls, masks = infer.multiscale_predict(
+            apply, variables, image, scales=scales, bucket_step=64, bucket_pad=pad
+        )
+        assert masks.shape == exact.shape == (height, width, NUM_CLASSES)
+        np.testing.assert_allclose(masks, exact, atol=2e-6)
+        np.testing.assert_allclose(cls, exact_cls, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(masks.sum(-1), 1.0, atol=1e-5)
+    # Control: cropping the padded forward at full resolution (after its upsampling) instead
+    # of on the stride-4 grid would be wrong here (shifted grid, padded neighbours).
+    view = infer.normalise_image(image)
+    naive = apply(variables, jnp.asarray(infer.pad_view(view, (65, 129), pad)[None]))
+    plain = apply(variables, jnp.asarray(view[None]))
+    assert np.abs(naive["masks"][0, :23, :97] - plain["masks"][0]).max() > 0.01
+
+
+def test_images_in_one_bucket_share_one_compilation():
+    variables = _fake_variables(4)
+    traces = []
+    apply = make_strided_fake(traces)
+    images = [_photo(40, 50, seed=1), _photo(47, 61, seed=2), _photo(33, 64, seed=3)]
+    for image in images:  # views 40x50, 47x61, 33x64 and the image buckets: all 65 x 65
+        infer.multiscale_predict(apply, variables, image, scales=(1.0,), bucket_step=64)
+    assert len(traces) == 1 and traces[0] == (2, 65, 65, 3)
+    assert infer._network_fn(apply, "test", infer.MASK_STRIDE)._cache_size() == 1
+    # Without buckets every size compiles anew (what the buckets avoid).
+    unbucketed = []
+    apply_exact = make_strided_fake(unbucketed)
+    for image in images:
+        infer.multiscale_predict(apply_exact, variables, image, scales=(1.0,))
+    assert len(unbucketed) == 3
+
+
+def _tamed(variables, factor=0.3):
+    """The random tiny model with a smaller last layer: logits of a few units, so its masks are
+    neither saturated nor uniform (the plain random model's logits reach ~1e3)."""
+    tamed = jax.tree_util.tree_map(lambda x: x, variables)
+    tamed["params"]["last_conv"] = jax.tree_util.tree_map(
+        lambda x: x * factor, tamed["params"]["last_conv"]
+    )
+    return tamed
+
+
+def test_tiny_model_buckets(tiny_model):
+    """SLRNet itself: one executable for two sizes in a bucket; at a size that needs no
+    padding the stride-4 crop path reproduces the plain forward to float rounding (so its grid
+    assumption holds for the real network) and the class scores recomputed on the valid grid
+    equal the network's own."""
+    model, variables = tiny_model
+    variables = _tamed(variables)
+    settings = dict(scales=(1.0,), bucket_step=64, rescore=True)
+    forward = infer._network_fn(model.apply, "test", infer.MASK_STRIDE, True)
+    infer.multiscale_predict(model.apply, variables, _photo(40, 50), **settings)
+    compiled = forward._cache_size()
+    _, masks = infer.multiscale_predict(model.apply, variables, _photo(57, 44, seed=1), **settings)
+    assert forward._cache_size() == compiled and masks.shape == (57, 44, 21)
+
+    image = _photo(65, 65, seed=2)
+    exact_cls, exact = infer.multiscale_predict(model.apply, variables, image, scales=(1.0,))
+    assert exact.min() < 1e-3 and exact.max() > 0.5  # informative masks, not saturated
+    cls, masks = infer.multiscale_predict(model.apply, variables, image, **settings)
+    np.testing.assert_allclose(masks, exact, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(cls, exact_cls, rtol=1e-5, atol=1e-6)
+    with pytest.raises(infer.InferenceError, match="rescore needs buckets"):
+        infer.multiscale_predict(model.apply, variables, image, scales=(1.0,), rescore=True)
+
+
+# ----------------------------------------------------------------------------- restart
+
+
+def _synthetic_examples(count=3):
+    from slr_jax.data.synthetic import make_synthetic_example
+
+    sizes = [(40, 50), (44, 57), (52, 48), (36, 60)][:count]
+    return [
+        {key: ex[key] for key in ("name", "image", "mask")}
+        for ex in (make_synthetic_example(i, size, 21, 5) for i, size in enumerate(sizes))
+    ]
+
+
+def test_restart_skips_finished_images(tmp_path, tiny_model, monkeypatch):
+    model, variables = tiny_model
+    variables = _tamed(variables)
+    calls = []
+    predict = infer.multiscale_predict
+    monkeypatch.setattr(
+        infer, "multiscale_predict", lambda *a, **k: calls.append(1) or predict(*a, **k)
+    )
+    cfg = {"model": TINY_MODEL, "test": {"scales": (1.0, 0.5), "fp_cut": 0.05, "top_k": 3}}
+    examples = _synthetic_examples()
+    lines = []
+    first = infer.run_inference(
+        cfg, variables, examples, tmp_path, apply_fn=model.apply, save_probs=True, log=lines.append
+    )
+    assert len(calls) == 3 and first["num_predicted"] == 3 and first["num_skipped"] == 0
+    assert first["images_per_second"] > 0 and "images/s" in lines[-1]
+    pngs = {p.name: p.read_bytes() for p in (tmp_path / "pred").iterdir()}
+
+    second = infer.run_inference(
+        cfg, variables, examples, tmp_path, apply_fn=model.apply, save_probs=True
+    )
+    assert len(calls) == 3, "the second run must not forward anything"
+    assert second["num_skipped"] == 3 and second["num_predicted"] == 0
+    assert second["images_per_second"] is None and second["num_scored"] == 3
+    np.testing.assert_array_equal(second["confusions"]["pred"], first["confusions"]["pred"])
+    assert second["scores"]["pred"]["miou"] == first["scores"]["pred"]["miou"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "pred").iterdir()} == pngs
+
+    # Only what is missing or broken is redone: a truncated PNG, a deleted score map.
+    broken = tmp_path / "pred" / f"{examples[0]['name']}.png"
+    broken.write_bytes(broken.read_bytes()[:40])
+    (tmp_path / "probs" / f"{examples[1]['name']}.npy").unlink()
+    third = infer.run_inference(
+        cfg, variables, examples, tmp_path, apply_fn=model.apply, save_probs=True
+    )
+    assert len(calls) == 5 and third["num_predicted"] == 2
+    np.testing.assert_array_equal(third["confusions"]["pred"], first["confusions"]["pred"])
+
+    # Other settings, other variables or resume=False: everything is predicted again.
+    other = {"model": TINY_MODEL, "test": {**cfg["test"], "fp_cut": 0.5}}
+    infer.run_inference(other, variables, examples, tmp_path, apply_fn=model.apply)
+    assert len(calls) == 8
+    nudged = jax.tree_util.tree_map(lambda x: x, variables)
+    nudged["params"]["last_conv"] = jax.tree_util.tree_map(
+        lambda x: x * 1.01, nudged["params"]["last_conv"]
+    )
+    infer.run_inference(other, nudged, examples, tmp_path, apply_fn=model.apply)
+    assert len(calls) == 11
+    fresh = {"model": TINY_MODEL, "test": {**other["test"], "resume": False}}
+    infer.run_inference(fresh, nudged, examples, tmp_path, apply_fn=model.apply)
+    assert len(calls) == 14
+
+
+def test_finished_outputs_checks_key_size_and_scores(tmp_path):
+    labels = np.arange(12 * 9).reshape(12, 9) % 5
+    probs = np.random.RandomState(0).rand(12, 9, 5).astype(np.float32)
+    infer.export_pseudo_labels(tmp_path, "a", labels, probs=probs, key="k1")
+    check = dict(use_crf=False, save_probs=True)
+    found = infer.finished_outputs(tmp_path, "a", "k1", (12, 9), 5, **check)
+    np.testing.assert_array_equal(found["pred"], labels)
+    assert infer.finished_outputs(tmp_path, "a", "k2", (12, 9), 5, **check) is None
+    assert infer.finished_outputs(tmp_path, "a", "k1", (12, 10), 5, **check) is None
+    assert (
+        infer.finished_outputs(tmp_path, "a", "k1", (12, 9), 5, use_crf=True, save_probs=True)
+        is None
+    )
+    # Rewritten without scores: the old .npy goes, so it cannot pass for this run's scores.
+    infer.export_pseudo_labels(tmp_path, "a", labels, key="k3")
+    assert not (tmp_path / "probs" / "a.npy").exists()
+    assert infer.finished_outputs(tmp_path, "a", "k3", (12, 9), 5, **check) is None
+    assert infer.finished_outputs(tmp_path, "a", "k3", (12, 9), 5, use_crf=False, save_probs=False)
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_restart_keys_follow_settings_variables_and_image():
+    settings = infer.inference_settings({})
+    variables = _fake_variables()
+    key = infer.run_key(settings, TINY_MODEL, variables, fake_apply)
+    as_jax = jax.tree_util.tree_map(jnp.asarray, variables)
+    assert infer.run_key(settings, TINY_MODEL, as_jax, fake_apply) == key
+    assert infer.run_key({**settings, "resume": False}, TINY_MODEL, variables, fake_apply) == key
+    others = [
+        infer.run_key({**settings, "bg_pow": 1.0}, TINY_MODEL, variables, fake_apply),
+        infer.run_key({**settings, "bucket_step": 0}, TINY_MODEL, variables, fake_apply),
+        infer.run_key(settings, {**TINY_MODEL, "width": 0.125}, variables, fake_apply),
+        infer.run_key(settings, TINY_MODEL, _fake_variables(1), fake_apply),
+    ]
+    assert len({key, *others}) == 5
+    image = _photo()
+    changed = image.copy()
+    changed[0, 0, 0] ^= 1
+    keys = {
+        infer.image_key(key, image, None),
+        infer.image_key(key, changed, None),
+        infer.image_key(key, image, np.ones(4, np.float32)),
+    }
+    assert len(keys) == 3 and infer.image_key(key, image, None) == infer.image_key(key, image, None)
+
+
+def test_converted_reference_checkpoint_on_photographs(reference_repo, tmp_path, capsys):
+    """The user's path end to end: a reference checkpoint (random weights) -> slr_jax.convert ->
+    slr_jax.infer on photographs shipped with scikit-image -> the scores equal the reference
+    network's own multi-scale inference of the same files (full width, a few minutes)."""
+    skimage_data = pytest.importorskip("skimage.data")
+    from slr_jax import convert, parity
+
+    net, _ = parity.build_reference(str(reference_repo), "wsss", seed=3, num_classes=21)
+    pth = tmp_path / "slrnet_wsss.pth"
+    torch.save({"epoch": 1, "state_dict": net.state_dict()}, pth)
+    checkpoint = tmp_path / "converted"
+    assert convert.main(["--torch", str(pth), "--out", str(checkpoint)]) == 0, (
+        capsys.readouterr().err
+    )
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("astronaut", "coffee"):  # real photographs, shrunk to keep the test quick
+        image = Image.fromarray(getattr(skimage_data, name)()).convert("RGB")
+        image.resize((image.width // 6, image.height // 6), Image.Resampling.BICUBIC).save(
+            photos / f"{name}.png"
+        )
+    out = tmp_path / "out"
+    args = ["--checkpoint", str(checkpoint), "--images", str(photos), "--out", str(out)]
+    summary = infer.main(args + ["--scales", "1,0.5", "--save-probs", "--bucket-step", "0"])
+    assert summary["num_images"] == 2
+    for name in ("astronaut", "coffee"):
+        photo = np.asarray(Image.open(photos / f"{name}.png"))
+        cls, masks = parity.reference_multiscale_predict(net, photo, (1.0, 0.5))
+        expected = infer.adjust_probabilities(
+            cls, masks, fp_cut=infer.DEFAULT_TEST["fp_cut"], top_k=infer.DEFAULT_TEST["top_k"],
+            bg_pow=infer.DEFAULT_TEST["bg_pow"],
+        )  # fmt: skip
+        probs = np.load(out / "probs" / f"{name}.npy")
+        assert probs.shape == photo.shape[:2] + (21,)
+        np.testing.assert_allclose(probs, expected, atol=2e-5)
+        with Image.open(out / "pred" / f"{name}.png") as png:
+            assert np.array(png).shape == photo.shape[:2]

@@ -567,10 +567,6 @@ def test_local_passes_sigterm_on(tmp_path):
     assert all((workdir / f"saved_{i}").exists() for i in range(2))
 
 
-@pytest.mark.skipif(
-    os.environ.get("SLR_TEST_MULTIPROCESS_JAX") != "1",
-    reason="starts two JAX processes (~6-10 s on 2 cores); set SLR_TEST_MULTIPROCESS_JAX=1",
-)
 def test_local_two_jax_processes_form_one_runtime(tmp_path):
     """The env contract drives a real 2-process JAX CPU runtime: 2 x 2 devices, one global sum."""
     mods, workdir = tmp_path / "mods", tmp_path / "wd"

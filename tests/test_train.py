@@ -89,7 +89,11 @@ def test_plan_follows_the_reference_schedule():
     # Seg loss and cosine start after pretrain_epochs + 1 epochs (epoch > pretrain_epochs).
     assert plan.pretrain_steps == (config.train.pretrain_epochs + 1) * plan.steps_per_epoch
     config.train.total_steps = 100
-    assert train.plan_steps(config.train, num_examples=256).steps_per_epoch == 100 // 6
+    plan = train.plan_steps(config.train, num_examples=256)
+    assert (plan.steps_per_epoch, plan.total_steps) == (100 // config.train.num_epochs, 100)
+    config.train.total_steps = 1  # a smoke run: exactly one step, whatever num_epochs says
+    plan = train.plan_steps(config.train, num_examples=256)
+    assert (plan.steps_per_epoch, plan.total_steps) == (1, 1)
     with pytest.raises(train.TrainingError, match="batch_size"):
         train.plan_steps(demo.get_config().train, num_examples=3)
 

@@ -2,7 +2,7 @@
 
 Importing ``slr_jax.data`` registers them, so ``tfds.load('voc_sbd', data_dir=...,
 download_and_prepare_kwargs={'download_config': tfds.download.DownloadConfig(manual_dir=...)})``
-or ``tfds build voc_sbd --imports slr_jax.data --manual_dir ...`` builds them. Nothing is
+or ``python -m slr_jax.data.build voc_sbd --manual_dir ... --data_dir ...`` builds them. Nothing is
 downloaded: VOC, SBD and COCO are read from ``manual_dir`` as the original archives (extracted
 by tfds into ``<data_dir>/downloads/extracted`` once) or as folders extracted by the user.
 
@@ -265,7 +265,14 @@ def read_id_list(path: epath.Path) -> list[str]:
 
 
 def check_sources(splits: Mapping[str, Sequence[SourceExample]], max_report: int = 5) -> None:
-    """DataError naming the listed files that do not exist (stat calls only)."""
+    """DataError naming the empty splits, or the listed files that do not exist (stat calls
+    only)."""
+    empty = sorted(split for split, examples in splits.items() if not examples)
+    if empty:
+        raise DataError(
+            f"split(s) {empty} have no examples: their list files (or annotation files) are "
+            "empty; restore them from the original archives."
+        )
     missing = []
     for split, examples in splits.items():
         for example in examples:
@@ -659,9 +666,12 @@ class SyntheticShapesConfig(tfds.core.BuilderConfig):
 class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
     """Deterministic shapes on noise (``slr_jax.data.synthetic``); train_aug repeats train."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("2.0.0")
     url_infos = None  # nothing to download (see NO_DOWNLOADS)
-    RELEASE_NOTES = {"1.0.0": "Shapes from make_synthetic_examples."}
+    RELEASE_NOTES = {
+        "1.0.0": "Shapes from make_synthetic_examples, one colour per class.",
+        "2.0.0": "Classes differ by shape and texture, colours random, cluttered background.",
+    }
     BUILDER_CONFIGS = [
         SyntheticShapesConfig(name="small", description="64 train / 16 val, 64x64, 21 classes."),
         SyntheticShapesConfig(
@@ -674,9 +684,9 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
         ),
         SyntheticShapesConfig(
             name="medium",
-            description="1024 train / 128 val, 128x128, 21 classes.",
-            num_train=1024,
-            num_val=128,
+            description="2048 train / 256 val, 128x128, 21 classes.",
+            num_train=2048,
+            num_val=256,
             image_size=128,
         ),
     ]
@@ -686,8 +696,9 @@ class SyntheticShapes(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description=(
-                "Filled ellipses, rectangles and triangles, one colour and stripe texture per "
-                "class, outlines 255; train_aug holds the same examples as train."
+                "Shapes on cluttered backgrounds; each class is one (shape, texture) pair, "
+                "colours are random for every class; outlines 255; train_aug holds the same "
+                "examples as train."
             ),
             features=segmentation_features(num_classes, "png"),
             metadata=tfds.core.MetadataDict(

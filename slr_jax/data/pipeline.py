@@ -31,8 +31,8 @@ such as 'synthetic_shapes/tiny' may be named) from ``data_dir``, preparing it fr
 ``manual_dir`` first if needed. It must be stored as array_record: examples are read by index
 through ``as_data_source``, so shuffling, sharding, oversampling and augmentation are the
 folder path's, and images are decoded with PIL as there. Labels are the stored ``labels``.
-On several hosts, prepare the data once beforehand (``tfds build voc_sbd --imports
-slr_jax.data --manual_dir ... --file_format array_record``) rather than on every host.
+On several hosts, prepare the data once beforehand (``python -m slr_jax.data.build voc_sbd
+--manual_dir ... --data_dir ...``) rather than on every host.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from slr_jax.data import transforms, voc
-from slr_jax.data.synthetic import INFO_FILE, write_synthetic_voc
+from slr_jax.data.synthetic import INFO_FILE, LEGACY_INFO_FILES, write_synthetic_voc
 from slr_jax.data.voc import DataError, VocExample
 
 Batch = dict[str, np.ndarray]
@@ -118,7 +118,9 @@ def _synthetic_root(cfg: Any) -> Path:
     info_path = root / INFO_FILE
     if info_path.is_file() and json.loads(info_path.read_text() or "null") == info:
         return root
-    if root.exists() and any(root.iterdir()) and not info_path.is_file():
+    # Our own folder: this generator's info file, or an earlier generator's (rewritten).
+    ours = info_path.is_file() or any((root / name).is_file() for name in LEGACY_INFO_FILES)
+    if root.exists() and any(root.iterdir()) and not ours:
         raise DataError(
             f"{root} is not empty and is not a synthetic dataset folder; point "
             "config.dataset.manual_dir at an empty or new folder for the synthetic data."
@@ -127,8 +129,8 @@ def _synthetic_root(cfg: Any) -> Path:
     staging = root.parent / f".{root.name}.staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     write_synthetic_voc(staging, **kwargs)
-    if info_path.is_file():
-        shutil.rmtree(root)  # Our own folder written with other arguments.
+    if ours:
+        shutil.rmtree(root)  # Our own folder written with other arguments or generator.
     try:
         os.rename(staging, root)
     except OSError:
@@ -234,15 +236,9 @@ def _tfds_key(cfg: Any) -> tuple[str, str, str]:
 
 @functools.cache
 def _prepared_builder(name: str, data_dir: str, manual_dir: str):
-    import tensorflow_datasets as tfds
+    from slr_jax.data.build import prepare
 
-    from slr_jax.data import builders  # noqa: F401  (registers the builders with tfds)
-
-    builder = tfds.builder(name, data_dir=data_dir or None)
-    if not builder.is_prepared():
-        config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
-        builder.download_and_prepare(download_config=config, file_format="array_record")
-    return builder
+    return prepare(name, data_dir, manual_dir)
 
 
 @functools.cache
@@ -260,8 +256,8 @@ def _cached_source(name: str, data_dir: str, manual_dir: str, split: str):
             f"tfds dataset {name} in {builder.data_dir} is stored as "
             f"{builder.info.file_format.value}, but the pipeline reads examples by index and "
             "needs array_record: build it into another data_dir with "
-            "file_format='array_record' (tfds build --file_format=array_record), or convert "
-            "it with `tfds convert_format`."
+            "`python -m slr_jax.data.build NAME --data_dir NEW_DIR --manual_dir ...`, "
+            "which writes array_record."
         ) from None
 
 

@@ -50,7 +50,7 @@ def initial_dictionary(features: jax.Array, class_logits: jax.Array) -> jax.Arra
 
 class FactorizationReconstruction(nn.Module):
     """``x`` (B, N, D) and initial dictionary (B, K, D) -> (reconstruction (B, N, D),
-    codes (B, K, N), dictionary (B, K, D))."""
+    codes (B, K, N) float32, dictionary (B, K, D) float32)."""
 
     num_iters: int = 1
     temperature: float = 1.0
@@ -65,8 +65,10 @@ class FactorizationReconstruction(nn.Module):
         d = x.shape[-1]
         transform1 = nn.Dense(d, dtype=self.dtype, name="transform1")
         transform2 = nn.Dense(d, dtype=self.dtype, name="transform2")
-        projected = transform1(x)
-        dictionary = l2_normalize(transform1(dictionary_init))
+        # The projections run in ``dtype``; codes, softmax and normalisations in float32 (in
+        # bfloat16 the ~1/K codes would be quantised to a few levels and their argmax tie).
+        projected = transform1(x).astype(jnp.float32)
+        dictionary = l2_normalize(transform1(dictionary_init).astype(jnp.float32))
         codes = None
         for _ in range(self.num_iters):
             dots = jnp.einsum("bkd,bnd->bkn", dictionary, projected) * (1.0 / self.temperature)

@@ -16,7 +16,7 @@ import numpy as np
 
 
 @functools.lru_cache(maxsize=256)
-def _interp_matrix(in_size: int, out_size: int) -> np.ndarray:
+def interp_matrix_np(in_size: int, out_size: int) -> np.ndarray:
     """(out_size, in_size) float64 matrix of align-corners linear interpolation weights.
 
     The source coordinates and weights are computed in float32 the way PyTorch's kernels do
@@ -44,7 +44,7 @@ def _interp_matrix(in_size: int, out_size: int) -> np.ndarray:
 
 def interp_matrix(in_size: int, out_size: int, dtype=jnp.float32) -> jax.Array:
     """Align-corners interpolation matrix (out_size, in_size) as a constant of ``dtype``."""
-    return jnp.asarray(_interp_matrix(int(in_size), int(out_size)), dtype=dtype)
+    return jnp.asarray(interp_matrix_np(int(in_size), int(out_size)), dtype=dtype)
 
 
 def resize_bilinear_align_corners(x: jax.Array, size: tuple[int, int]) -> jax.Array:
