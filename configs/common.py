@@ -109,6 +109,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.test.bucket_step = 64
     config.test.bucket_pad = "constant"  # constant (ImageNet mean) | edge | reflect | symmetric
     config.test.resume = True  # skip images whose outputs this run's settings already wrote
+    config.test.save_overlays = False  # overlay/STEM.png: prediction (| ground truth) blends
     # Dense CRF (utils/dcrf.py of the reference).
     config.test.crf = ml_collections.ConfigDict(
         dict(n_iters=10, gaussian_sxy=3, gaussian_compat=3, bilateral_sxy=80,

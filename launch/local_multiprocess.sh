@@ -111,9 +111,10 @@ pids=()
 stop_all() {  # SIGTERM to every process still running (background jobs ignore SIGINT)
   local pid
   for pid in ${pids[@]+"${pids[@]}"}; do
-    [[ $pid == done ]] || kill -TERM "$pid" 2>/dev/null || true
+    [[ $pid == "done" ]] || kill -TERM "$pid" 2>/dev/null || true
   done
 }
+# shellcheck disable=SC2329  # invoked by the traps below
 on_signal() {  # on_signal NAME NUMBER
   note "SIG$1: sending SIGTERM to the processes, waiting for them to exit"
   stop_all
@@ -137,11 +138,11 @@ remaining=$NUM
 while ((remaining > 0)); do
   for ((i = 0; i < NUM; i++)); do
     pid=${pids[i]}
-    [[ $pid != done ]] || continue
+    [[ $pid != "done" ]] || continue
     kill -0 "$pid" 2>/dev/null && continue
     code=0
     wait "$pid" || code=$?
-    pids[i]=done
+    pids[i]="done"
     remaining=$((remaining - 1))
     if ((code != 0 && status == 0)); then
       status=$code

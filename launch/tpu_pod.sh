@@ -331,8 +331,14 @@ step_delete() {
 }
 
 # ---- run ---------------------------------------------------------------------------------------
+# shellcheck disable=SC2329  # invoked by the EXIT trap below
+delete_on_exit() {
+  local exit_status=$?
+  delete_vm || warn "could not delete TPU VM $NAME: delete it by hand"
+  exit "$exit_status"
+}
 if ((DELETE_ON_EXIT)) && ((!DRY_RUN)); then
-  trap 'status=$?; delete_vm || warn "could not delete TPU VM $NAME: delete it by hand"; exit $status' EXIT
+  trap delete_on_exit EXIT
 fi
 for step in "${STEPS[@]}"; do
   "step_$step"

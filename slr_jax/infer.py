@@ -30,17 +30,21 @@ Two additions that are not in the reference, both in :func:`run_inference`:
 - Restart (``test.resume``, default True): an image whose outputs are already in the output
   folder, written by a run with the same settings, variables and image (a key stored in each
   PNG), is not predicted again; its saved label maps are read back for the scores.
+- Data parallel over the local devices: images go round-robin to ``jax.local_devices()``,
+  several in flight at once (JAX's asynchronous dispatch), finished in input order; and
+  ``test.save_overlays`` writes ``overlay/<name>.png`` blends of prediction and ground truth.
 
 Command line (plain JPG/PNG photographs, no ground truth)::
 
     python -m slr_jax.infer --checkpoint CKPT_DIR --images FOLDER_OR_FILES --out OUT_DIR \
         [--scales 1,1.5,2,0.5,0.75] [--crf] [--no-flip] [--save-probs] [--bucket-step 64] \
-        [--no-resume]
+        [--no-resume] [--save-overlays]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import hashlib
 import json
@@ -98,7 +102,11 @@ DEFAULT_TEST = {
     "bucket_step": 64,
     "bucket_pad": "constant",
     "resume": True,
+    # Not in the reference: out_dir/overlay/<name>.png, prediction (| ground truth) blends.
+    "save_overlays": False,
 }
+# Weight of the class colour in an overlay: (1 - a) * image + a * palette[label].
+OVERLAY_ALPHA = 0.5
 
 ApplyFn = Callable[..., Mapping[str, Any]]
 
@@ -355,6 +363,32 @@ def _check_bucket_step(step: Any, stride: int) -> int:
     return int(step)
 
 
+class PendingPrediction:
+    """The device-side sums of :func:`multiscale_predict_async`; :meth:`result` waits for them.
+
+    ``device``: the device the outputs live on (where the forward ran).
+    """
+
+    __slots__ = ("cls_total", "masks_total", "size", "num_scales", "views_per_scale")
+
+    def __init__(self, cls_total, masks_total, size, num_scales, views_per_scale):
+        self.cls_total, self.masks_total = cls_total, masks_total
+        self.size, self.num_scales, self.views_per_scale = size, num_scales, views_per_scale
+
+    @property
+    def device(self) -> Any:
+        return next(iter(self.masks_total.devices()))
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(cls (C-1,), masks (H, W, C)) as NumPy float32; blocks until the device is done."""
+        height, width = self.size
+        masks_total = np.asarray(self.masks_total)[:height, :width]
+        divisor = np.float32(self.views_per_scale * self.num_scales)
+        masks_mean = (masks_total / divisor).astype(np.float32)
+        cls_mean = np.asarray(self.cls_total / self.num_scales, np.float32)
+        return cls_mean, masks_mean
+
+
 def multiscale_predict(
     apply_fn: ApplyFn,
     variables: Any,
@@ -368,6 +402,7 @@ def multiscale_predict(
     bucket_pad: str = "constant",
     mask_stride: int = MASK_STRIDE,
     rescore: bool = False,
+    device: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Multi-scale (+ mirrored) prediction of one image -> (cls (C-1,), masks (H, W, C)).
 
@@ -386,7 +421,45 @@ def multiscale_predict(
     padding. The returned maps always cover exactly the (H, W) of ``image``. ``rescore``
     (SLRNet's single-view ``mode='test'`` only, not ``semi_wo_cls``) recomputes the class
     scores from the masks of the valid grid (:func:`valid_class_scores`), so the padding does
-    not enter them either.
+    not enter them either. ``device``: see :func:`multiscale_predict_async`.
+    """
+    return multiscale_predict_async(
+        apply_fn,
+        variables,
+        image,
+        scales=scales,
+        flip=flip,
+        resize=resize,
+        mode=mode,
+        bucket_step=bucket_step,
+        bucket_pad=bucket_pad,
+        mask_stride=mask_stride,
+        rescore=rescore,
+        device=device,
+    ).result()
+
+
+def multiscale_predict_async(
+    apply_fn: ApplyFn,
+    variables: Any,
+    image: np.ndarray,
+    *,
+    scales: Sequence[float] = DEFAULT_SCALES,
+    flip: bool = True,
+    resize: str = "pil_bicubic",
+    mode: str = "test",
+    bucket_step: int = 0,
+    bucket_pad: str = "constant",
+    mask_stride: int = MASK_STRIDE,
+    rescore: bool = False,
+    device: Any = None,
+) -> PendingPrediction:
+    """:func:`multiscale_predict` without waiting: the views are prepared on the host and the
+    device work is dispatched (JAX runs it asynchronously); ``.result()`` collects it.
+
+    ``device`` None: the inputs are not committed, so everything runs on the default device
+    (the single-device path). With a ``jax.Device`` the views are committed to it and the
+    forward runs there; ``variables`` must then be on that device too (or NumPy).
     """
     image = _check_image(image)
     scales = _check_scales(scales)
@@ -411,15 +484,12 @@ def multiscale_predict(
         cols = _axis_matrix(w, padded[1], width, out_padded[1], stride, False)
         cols_mirror = _axis_matrix(w, padded[1], width, out_padded[1], stride, True)
         valid = np.asarray([_grid_length(h, stride), _grid_length(w, stride)], np.int32)
-        cls, grid_masks = network(variables, jnp.asarray(views), valid)
+        views = jnp.asarray(views) if device is None else jax.device_put(views, device)
+        cls, grid_masks = network(variables, views, valid)
         masks = _grid_to_image(grid_masks, rows, cols, cols_mirror)
         masks_total = masks if masks_total is None else masks_total + masks
         cls_total = cls if cls_total is None else cls_total + cls
-    views_per_scale = 2 if flip else 1
-    masks_total = np.asarray(masks_total)[:height, :width]
-    masks_mean = (masks_total / np.float32(views_per_scale * len(scales))).astype(np.float32)
-    cls_mean = np.asarray(cls_total / len(scales), np.float32)
-    return cls_mean, masks_mean
+    return PendingPrediction(cls_total, masks_total, (height, width), len(scales), 1 + bool(flip))
 
 
 # ----------------------------------------------------------------------------- label maps
@@ -620,7 +690,49 @@ def output_paths(out_dir: str | os.PathLike, name: str) -> dict[str, Path]:
         "pred": out_dir / "pred" / f"{name}.png",
         "crf": out_dir / "crf" / f"{name}.png",
         "probs": out_dir / "probs" / f"{name}.npy",
+        "overlay": out_dir / "overlay" / f"{name}.png",
     }
+
+
+def blend_labels(
+    image_uint8: np.ndarray, labels: np.ndarray, alpha: float = OVERLAY_ALPHA
+) -> np.ndarray:
+    """(H, W, 3) uint8: ``round((1 - alpha) * image + alpha * colour(labels))`` per pixel,
+    colours from the VOC palette (255, the ignore label, is its light boundary colour)."""
+    image_uint8, labels = np.asarray(image_uint8), np.asarray(labels)
+    if image_uint8.shape[:2] != labels.shape or image_uint8.shape[-1:] != (3,):
+        raise InferenceError(
+            f"cannot blend labels of shape {labels.shape} into an image of shape "
+            f"{image_uint8.shape}; both need the same (H, W)."
+        )
+    if not 0.0 <= alpha <= 1.0:
+        raise InferenceError(f"overlay alpha must lie in [0, 1], got {alpha}.")
+    colours = np.asarray(voc_palette(), np.float64).reshape(256, 3)[labels.astype(np.uint8)]
+    mixed = (1.0 - alpha) * image_uint8.astype(np.float64) + alpha * colours
+    return np.clip(np.round(mixed), 0, 255).astype(np.uint8)
+
+
+def overlay_image(
+    image_uint8: np.ndarray,
+    labels: np.ndarray,
+    ground_truth: np.ndarray | None = None,
+    alpha: float = OVERLAY_ALPHA,
+) -> np.ndarray:
+    """The prediction blended into the image, (H, W, 3) uint8, with the ground-truth blend
+    to its right, (H, 2W, 3), when ``ground_truth`` (H, W) is given (see :func:`blend_labels`).
+    """
+    blended = blend_labels(image_uint8, labels, alpha)
+    if ground_truth is None:
+        return blended
+    return np.concatenate([blended, blend_labels(image_uint8, ground_truth, alpha)], axis=1)
+
+
+def save_overlay_png(path: str | os.PathLike, overlay: np.ndarray) -> Path:
+    """Writes an (H, W, 3) uint8 overlay as an RGB PNG, atomically (temporary name, rename)."""
+    path = Path(path)
+    image = Image.fromarray(np.ascontiguousarray(overlay, np.uint8))
+    _replace_atomically(path, lambda handle: image.save(handle, format="PNG"))
+    return path
 
 
 def export_pseudo_labels(
@@ -632,17 +744,19 @@ def export_pseudo_labels(
     probs: np.ndarray | None = None,
     palette: bool = True,
     key: str | None = None,
+    overlay: np.ndarray | None = None,
 ) -> dict[str, Path]:
     """Writes one example's outputs, as the reference lays them out.
 
     ``out_dir/pred/<name>.png`` (argmax, no CRF), ``out_dir/crf/<name>.png`` when
     ``crf_labels`` is given, ``out_dir/probs/<name>.npy`` (H, W, C) float32 when ``probs`` is
-    given. Returns the written paths by kind.
+    given, ``out_dir/overlay/<name>.png`` (RGB, :func:`overlay_image`) when ``overlay`` is
+    given (not in the reference). Returns the written paths by kind.
 
     With a ``key`` (restartable runs) the example's earlier PNGs are removed first and the
-    PNGs, which carry the key, are written last; an earlier ``.npy`` is replaced or, without
-    ``probs``, removed. So a PNG with a given key always sits beside the scores of that same
-    computation, or beside none.
+    label PNGs, which carry the key, are written last; an earlier ``.npy`` or overlay is
+    replaced or, when not given, removed. So a label PNG with a given key always sits beside
+    the scores and overlay of that same computation, or beside none.
     """
     paths = output_paths(out_dir, name)
     if key is not None:
@@ -650,11 +764,15 @@ def export_pseudo_labels(
             paths[kind].unlink(missing_ok=True)
         if probs is None:
             paths["probs"].unlink(missing_ok=True)
+        if overlay is None:
+            paths["overlay"].unlink(missing_ok=True)
     written = {}
     if probs is not None:
         array = np.asarray(probs, np.float32)
         _replace_atomically(paths["probs"], lambda handle: np.save(handle, array))
         written["probs"] = paths["probs"]
+    if overlay is not None:
+        written["overlay"] = save_overlay_png(paths["overlay"], overlay)
     if crf_labels is not None:
         written["crf"] = save_label_png(paths["crf"], crf_labels, palette, key)
     written["pred"] = save_label_png(paths["pred"], labels, palette, key)
@@ -765,10 +883,11 @@ def inference_settings(cfg: Any) -> dict[str, Any]:
             f"config.test.bucket_pad={settings['bucket_pad']!r}; expected one of "
             f"{BUCKET_PAD_MODES}."
         )
-    if not isinstance(settings["resume"], (bool, np.bool_)):
-        raise InferenceError(
-            f"config.test.resume must be True or False, got {settings['resume']!r}."
-        )
+    for flag in ("resume", "save_overlays"):
+        if not isinstance(settings[flag], (bool, np.bool_)):
+            raise InferenceError(
+                f"config.test.{flag} must be True or False, got {settings[flag]!r}."
+            )
     return settings
 
 
@@ -798,11 +917,12 @@ def variables_fingerprint(variables: Any) -> str:
 
 def run_key(settings: Mapping[str, Any], model_cfg: Any, variables: Any, apply_fn: Any) -> str:
     """Digest of everything that decides an image's outputs except the image itself: the
-    ``test`` settings (``resume`` aside), the model config, the variables, and the name of a
-    custom ``apply_fn``."""
+    ``test`` settings (``resume`` and ``save_overlays`` aside: they change no label), the model
+    config, the variables, and the name of a custom ``apply_fn``."""
     model = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
+    unkeyed = ("resume", "save_overlays")
     described = {
-        "settings": {k: v for k, v in settings.items() if k != "resume"},
+        "settings": {k: v for k, v in settings.items() if k not in unkeyed},
         "model": model,
         "apply_fn": getattr(apply_fn, "__qualname__", type(apply_fn).__name__),
         "variables": variables_fingerprint(variables),
@@ -862,6 +982,35 @@ def _example_fields(example: Mapping[str, Any]) -> dict[str, Any] | None:
     }
 
 
+def inference_devices(devices: Sequence[Any] | None, variables: Any) -> list[Any]:
+    """The local devices :func:`run_inference` spreads images over (default: all of them).
+
+    Variables sharded over several processes cannot be copied whole to one device, so then
+    only the default device is used (each process still predicts its own share of examples).
+    """
+    local = jax.local_devices()
+    if devices is None:
+        devices = local
+    devices = list(devices)
+    if not devices:
+        raise InferenceError("devices is empty; pass None for all local devices.")
+    foreign = [d for d in devices if d not in local]
+    if foreign:
+        raise InferenceError(
+            f"devices {foreign} are not local to this process (jax.local_devices() is {local}); "
+            "each process predicts on its own devices."
+        )
+    sharded = any(
+        isinstance(leaf, jax.Array) and not leaf.is_fully_addressable
+        for leaf in jax.tree_util.tree_leaves(variables)
+    )
+    return devices[:1] if sharded else devices
+
+
+def _device_name(device: Any) -> str:
+    return f"{device.platform}:{device.id}"
+
+
 def run_inference(
     cfg: Any,
     variables: Any,
@@ -872,6 +1021,7 @@ def run_inference(
     save_probs: bool = False,
     palette: bool = True,
     log: Callable[[str], None] | None = None,
+    devices: Sequence[Any] | None = None,
 ) -> dict[str, Any]:
     """Predicts, exports and (where ground truth exists) scores every example.
 
@@ -882,16 +1032,27 @@ def run_inference(
     ``cfg.test.bucket_step`` > 0 it must follow SLRNet's stride-4 convention, see
     :func:`multiscale_predict`).
 
+    Data parallel over ``devices`` (default all local ones, :func:`inference_devices`): with
+    several, the variables are copied to each once, image i's forward passes run on device
+    ``i mod n`` and up to ``2 n`` images are in flight while the host prepares the next views
+    and post-processes / writes finished images in input order. Results equal the
+    one-device path (same program on each device). One device: one image at a time, inputs
+    left uncommitted (the default device).
+
     With ``cfg.test.resume`` (default True) an example whose outputs in ``out_dir`` were
     written by a run with the same settings, model, variables and image is not predicted
-    again (:func:`finished_outputs`); its saved label maps are scored instead. ``log`` gets
-    one line per example and a last line with the throughput.
+    again (:func:`finished_outputs`); its saved label maps are scored instead.
+    ``cfg.test.save_overlays`` also writes ``overlay/<name>.png`` (:func:`overlay_image` of
+    the CRF labels when the CRF is on, else of ``pred``; for skipped images from their saved
+    labels when missing). ``log`` gets one line per example and a last line with the
+    throughput.
 
     Returns {'num_images', 'num_predicted', 'num_skipped', 'num_scored', 'seconds' (whole
-    loop), 'images_per_second' (predicted images over the time spent on them: forward,
-    compilation, CRF and writing; None if none was predicted), 'out_dir', 'scores': {'pred':
-    ..., 'crf': ...} (images with ground truth), 'confusions': {'pred': (C, C) int64, ...}
-    (for summing over processes)}.
+    loop), 'images_per_second' (predicted images over the time spent on them: preparing and
+    dispatching their views, waiting for their results, CRF and writing; None if none was
+    predicted), 'images_per_device' ({'cpu:0': n, ...}: where the predicted images' forward
+    outputs lived), 'out_dir', 'scores': {'pred': ..., 'crf': ...} (images with ground
+    truth), 'confusions': {'pred': (C, C) int64, ...} (for summing over processes)}.
     """
     settings = inference_settings(cfg)
     model_cfg = _model_settings(cfg)
@@ -904,13 +1065,67 @@ def run_inference(
         apply_fn = model.apply
     filter_classes = variant != "semi_wo_cls"
     use_crf = bool(settings["use_crf"])
+    save_overlays = bool(settings["save_overlays"])
     accumulators = {"pred": evaluate.ConfusionAccumulator(num_classes)}
     if use_crf:
         accumulators["crf"] = evaluate.ConfusionAccumulator(num_classes)
     key = run_key(settings, model_cfg, variables, apply_fn)
+    devices = inference_devices(devices, variables)
+    if len(devices) == 1 and devices[0] == jax.local_devices()[0]:
+        placements = [(None, variables)]  # today's single-device path, nothing committed
+        window = 1
+    else:
+        placements = [(d, jax.device_put(variables, d)) for d in devices]
+        window = 2 * len(devices)
     counts = {"images": 0, "predicted": 0, "skipped": 0, "scored": 0}
+    per_device: dict[str, int] = {}
     predict_seconds = 0.0
+    pending: collections.deque[dict[str, Any]] = collections.deque()
+
+    def finish(entry: dict[str, Any]) -> None:
+        nonlocal predict_seconds
+        finish_started = time.perf_counter()
+        fields, outputs = entry["fields"], entry["outputs"]
+        name, image_uint8, gt = fields["name"], fields["image_uint8"], fields["mask"]
+        if outputs is None:
+            device = _device_name(entry["pending"].device)
+            outputs, probs = _finish_example(
+                entry["pending"], image_uint8, entry["image_labels"], settings, filter_classes
+            )
+            overlay = None
+            if save_overlays:
+                overlay = overlay_image(image_uint8, outputs.get("crf", outputs["pred"]), gt)
+            export_pseudo_labels(
+                out_dir,
+                name,
+                outputs["pred"],
+                crf_labels=outputs.get("crf"),
+                probs=probs if save_probs else None,
+                palette=palette,
+                key=entry["key"],
+                overlay=overlay,
+            )
+            counts["predicted"] += 1
+            per_device[device] = per_device.get(device, 0) + 1
+            predict_seconds += entry["seconds"] + time.perf_counter() - finish_started
+            status = f"{counts['predicted'] / predict_seconds:.2f} images/s"
+        else:
+            counts["skipped"] += 1
+            status = "done before, skipped"
+            overlay_path = output_paths(out_dir, name)["overlay"]
+            if save_overlays and not overlay_path.exists():
+                labels = outputs.get("crf", outputs["pred"])
+                save_overlay_png(overlay_path, overlay_image(image_uint8, labels, gt))
+        if gt is not None and (np.asarray(gt) != IGNORE_LABEL).any():
+            for kind, labels in outputs.items():
+                accumulators[kind].update(labels, np.asarray(gt))
+            counts["scored"] += 1
+        counts["images"] += 1
+        if log is not None:
+            log(f"{name}: {image_uint8.shape[1]}x{image_uint8.shape[0]} ({status})")
+
     started = time.perf_counter()
+    next_device = 0
     for example in examples:
         fields = _example_fields(example)
         if fields is None:
@@ -924,9 +1139,10 @@ def run_inference(
                 "'labels'; turn it off to use predicted class presence."
             )
         example_key = image_key(key, image_uint8, image_labels)
-        outputs = None
+        entry = {"fields": fields, "key": example_key, "image_labels": image_labels}
+        entry["outputs"] = None
         if settings["resume"]:
-            outputs = finished_outputs(
+            entry["outputs"] = finished_outputs(
                 out_dir,
                 name,
                 example_key,
@@ -935,40 +1151,27 @@ def run_inference(
                 use_crf=use_crf,
                 save_probs=save_probs,
             )
-        if outputs is not None:
-            counts["skipped"] += 1
-            status = "done before, skipped"
-        else:
-            outputs, probs = _predict_example(
-                apply_fn, variables, image_uint8, image_labels, settings, filter_classes
+        if entry["outputs"] is None:
+            device, device_variables = placements[next_device]
+            next_device = (next_device + 1) % len(placements)
+            entry["pending"] = _start_example(
+                apply_fn, device_variables, image_uint8, settings, filter_classes, device
             )
-            export_pseudo_labels(
-                out_dir,
-                name,
-                outputs["pred"],
-                crf_labels=outputs.get("crf"),
-                probs=probs if save_probs else None,
-                palette=palette,
-                key=example_key,
-            )
-            counts["predicted"] += 1
-            predict_seconds += time.perf_counter() - example_started
-            status = f"{counts['predicted'] / predict_seconds:.2f} images/s"
-        gt = fields["mask"]
-        if gt is not None and (np.asarray(gt) != IGNORE_LABEL).any():
-            for kind, labels in outputs.items():
-                accumulators[kind].update(labels, np.asarray(gt))
-            counts["scored"] += 1
-        counts["images"] += 1
-        if log is not None:
-            log(f"{name}: {image_uint8.shape[1]}x{image_uint8.shape[0]} ({status})")
+            entry["seconds"] = time.perf_counter() - example_started
+        pending.append(entry)
+        while len(pending) >= window:
+            finish(pending.popleft())
+    while pending:
+        finish(pending.popleft())
     seconds = time.perf_counter() - started
     rate = counts["predicted"] / predict_seconds if counts["predicted"] else None
     if log is not None:
         rate_text = f"{rate:.2f} images/s" if rate is not None else "no forward pass"
+        spread = ", ".join(f"{d}: {n}" for d, n in sorted(per_device.items()))
         log(
             f"{counts['images']} images in {seconds:.1f} s: {counts['predicted']} predicted "
             f"({rate_text}), {counts['skipped']} already in {out_dir}"
+            + (f"; images per device {spread}" if len(per_device) > 1 else "")
         )
     scores = {kind: acc.result() for kind, acc in accumulators.items()} if counts["scored"] else {}
     confusions = {kind: acc.confusion.copy() for kind, acc in accumulators.items()}
@@ -979,22 +1182,23 @@ def run_inference(
         "num_scored": counts["scored"],
         "seconds": seconds,
         "images_per_second": rate,
+        "images_per_device": per_device,
         "out_dir": Path(out_dir),
         "scores": scores,
         "confusions": confusions,
     }
 
 
-def _predict_example(
+def _start_example(
     apply_fn: ApplyFn,
     variables: Any,
     image_uint8: np.ndarray,
-    image_labels: np.ndarray | None,
     settings: Mapping[str, Any],
     filter_classes: bool,
-) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """({'pred': (H, W) uint8[, 'crf': ...]}, adjusted probabilities (H, W, C)) of one image."""
-    cls, masks = multiscale_predict(
+    device: Any,
+) -> PendingPrediction:
+    """Dispatches one image's multi-scale forward passes (on ``device``; None = default)."""
+    return multiscale_predict_async(
         apply_fn,
         variables,
         image_uint8,
@@ -1005,7 +1209,20 @@ def _predict_example(
         bucket_step=settings["bucket_step"],
         bucket_pad=settings["bucket_pad"],
         rescore=bool(settings["bucket_step"]) and filter_classes and settings["mode"] == "test",
+        device=device,
     )
+
+
+def _finish_example(
+    prediction: PendingPrediction,
+    image_uint8: np.ndarray,
+    image_labels: np.ndarray | None,
+    settings: Mapping[str, Any],
+    filter_classes: bool,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """({'pred': (H, W) uint8[, 'crf': ...]}, adjusted probabilities (H, W, C)) of one image
+    whose forward passes :func:`_start_example` dispatched (waits for them)."""
+    cls, masks = prediction.result()
     probs = adjust_probabilities(
         cls,
         masks,
@@ -1115,6 +1332,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-resume", action="store_true", help="predict again images already in --out"
     )
+    parser.add_argument(
+        "--save-overlays",
+        action="store_true",
+        help="also write overlay/<name>.png: the prediction's colours blended into the image",
+    )
     return parser
 
 
@@ -1158,6 +1380,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "bucket_step": args.bucket_step,
             "bucket_pad": args.bucket_pad,
             "resume": not args.no_resume,
+            "save_overlays": args.save_overlays,
         },
     }
     summary = run_inference(

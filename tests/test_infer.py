@@ -5,6 +5,12 @@ The composition tests re-express the reference loop of ``tools/infer_voc.py`` in
 a small analytic model written twice (JAX and PyTorch), so every step is pinned.
 """
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -444,6 +450,12 @@ def test_bad_inputs_have_clear_errors():
         infer.inference_settings({"test": {"bucket_pad": "wrap"}})
     with pytest.raises(infer.InferenceError, match="resume must be True or False"):
         infer.inference_settings({"test": {"resume": "yes"}})
+    with pytest.raises(infer.InferenceError, match="save_overlays must be True or False"):
+        infer.inference_settings({"test": {"save_overlays": 1}})
+    with pytest.raises(infer.InferenceError, match="devices is empty"):
+        infer.inference_devices([], variables)
+    with pytest.raises(infer.InferenceError, match="same \\(H, W\\)"):
+        infer.overlay_image(_photo(), np.zeros((HEIGHT, WIDTH + 1), np.uint8))
     stride4_only = lambda v, x, mode: {"cls": x[:, 0, 0], "masks": x[:, ::4, ::4]}
     with pytest.raises(infer.InferenceError, match="needs class maps at the input size"):
         infer.multiscale_predict(stride4_only, variables, _photo(), scales=(1.0,))
@@ -588,9 +600,9 @@ def test_restart_skips_finished_images(tmp_path, tiny_model, monkeypatch):
     model, variables = tiny_model
     variables = _tamed(variables)
     calls = []
-    predict = infer.multiscale_predict
+    predict = infer.multiscale_predict_async
     monkeypatch.setattr(
-        infer, "multiscale_predict", lambda *a, **k: calls.append(1) or predict(*a, **k)
+        infer, "multiscale_predict_async", lambda *a, **k: calls.append(1) or predict(*a, **k)
     )
     cfg = {"model": TINY_MODEL, "test": {"scales": (1.0, 0.5), "fp_cut": 0.05, "top_k": 3}}
     examples = _synthetic_examples()
@@ -720,3 +732,135 @@ def test_converted_reference_checkpoint_on_photographs(reference_repo, tmp_path,
         np.testing.assert_allclose(probs, expected, atol=2e-5)
         with Image.open(out / "pred" / f"{name}.png") as png:
             assert np.array(png).shape == photo.shape[:2]
+
+
+# ----------------------------------------------------------------------------- overlays
+
+
+def test_overlay_blend_formula():
+    image = np.array([[[10, 20, 30], [200, 100, 0]], [[255, 255, 255], [0, 0, 0]]], np.uint8)
+    labels = np.array([[1, 0], [15, 255]], np.uint8)
+    blended = infer.blend_labels(image, labels)
+    # VOC colours: 1 (128, 0, 0), 0 black, 15 (192, 128, 128), 255 (224, 224, 192).
+    expected = [[[69, 10, 15], [100, 50, 0]], [[224, 192, 192], [112, 112, 96]]]
+    np.testing.assert_array_equal(blended, expected)
+    palette = np.asarray(infer.voc_palette()).reshape(256, 3)
+    np.testing.assert_array_equal(
+        infer.blend_labels(image, labels, alpha=0.25),
+        np.round(0.75 * image + 0.25 * palette[labels]).astype(np.uint8),
+    )
+    side_by_side = infer.overlay_image(image, labels, ground_truth=np.zeros((2, 2), np.int32))
+    assert side_by_side.shape == (2, 4, 3)
+    np.testing.assert_array_equal(side_by_side[:, :2], blended)
+    np.testing.assert_array_equal(side_by_side[:, 2:], np.round(image * 0.5).astype(np.uint8))
+
+
+def test_run_inference_saves_overlays(tmp_path):
+    variables = _fake_variables(2)
+    with_gt, without_gt = _photo(seed=5), _photo(30, 20, seed=6)
+    gt = np.full((HEIGHT, WIDTH), 255, np.int32)
+    gt[:, :25] = 0
+    gt[5:15, 30:45] = 3
+    examples = [{"name": "a", "image": with_gt, "mask": gt}, {"name": "b", "image": without_gt}]
+    test = {"scales": (1.0,), "fp_cut": 0.0, "top_k": 4, "bg_pow": 1.0, "bucket_step": 0}
+    cfg = {"model": {"variant": "wsss", "num_classes": NUM_CLASSES}, "test": test}
+    overlays = {"model": cfg["model"], "test": {**test, "save_overlays": True}}
+    infer.run_inference(overlays, variables, examples, tmp_path, apply_fn=fake_apply)
+    with Image.open(tmp_path / "pred" / "a.png") as png:
+        pred_a = np.array(png)
+    with Image.open(tmp_path / "overlay" / "a.png") as png:
+        assert png.mode == "RGB" and png.size == (2 * WIDTH, HEIGHT)
+        overlay_a = np.array(png)
+    np.testing.assert_array_equal(overlay_a[:, :WIDTH], infer.blend_labels(with_gt, pred_a))
+    np.testing.assert_array_equal(overlay_a[:, WIDTH:], infer.blend_labels(with_gt, gt))
+    with Image.open(tmp_path / "overlay" / "b.png") as png:
+        assert png.size == (20, 30)  # no ground truth: the prediction blend alone
+
+    # Restart: settings unchanged, so nothing is predicted; a missing overlay is rebuilt from
+    # the saved labels (same bytes), and overlays do not change the restart key.
+    (tmp_path / "overlay" / "a.png").unlink()
+    again = infer.run_inference(overlays, variables, examples, tmp_path, apply_fn=fake_apply)
+    assert again["num_skipped"] == 2 and again["num_predicted"] == 0
+    with Image.open(tmp_path / "overlay" / "a.png") as png:
+        np.testing.assert_array_equal(np.array(png), overlay_a)
+    assert (
+        infer.run_inference(cfg, variables, examples, tmp_path, apply_fn=fake_apply)["num_skipped"]
+        == 2
+        and (tmp_path / "overlay" / "b.png").exists()
+    )
+    # Predicted again without overlays: the now stale overlays are removed.
+    fresh = {"model": cfg["model"], "test": {**test, "resume": False}}
+    infer.run_inference(fresh, variables, examples, tmp_path, apply_fn=fake_apply)
+    assert not list((tmp_path / "overlay").iterdir())
+    args = infer.build_parser().parse_args(["--checkpoint", "c", "--images", "i", "--out", "o"])
+    assert not args.save_overlays
+    args = infer.build_parser().parse_args(
+        ["--checkpoint", "c", "--images", "i", "--out", "o", "--save-overlays"]
+    )
+    assert args.save_overlays
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def test_inference_is_data_parallel_over_local_devices(tmp_path, tiny_model):
+    """Two (fake CPU) local devices: images alternate between them, in flight together, and
+    every saved output equals the one-device run's bit for bit; restart still skips them."""
+    model, variables = tiny_model
+    checkpoint = tmp_path / "ckpt"
+    save_variables(checkpoint, _tamed(variables), {**TINY_MODEL, "source": "test"})
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        import jax
+        from slr_jax import infer
+        from slr_jax.checkpoint import load_variables
+        from slr_jax.data.synthetic import make_synthetic_example
+        from slr_jax.models import build_model
+
+        devices = jax.local_devices()
+        assert len(devices) == 2, devices
+        variables, _ = load_variables({str(checkpoint)!r})
+        apply = build_model({TINY_MODEL!r}).apply
+        sizes = [(40, 50), (44, 57), (52, 48), (36, 60)]
+        examples = [
+            {{k: ex[k] for k in ("name", "image", "mask")}}
+            for ex in (make_synthetic_example(i, s, 21, 5) for i, s in enumerate(sizes))
+        ]
+        # scales 1 and 0.5 of these sizes all fall in the 65 x 65 bucket: one program
+        cfg = {{"model": {TINY_MODEL!r},
+               "test": {{"scales": (1.0, 0.5), "fp_cut": 0.05, "top_k": 3}}}}
+        out = {{}}
+        for name, use in (("one", devices[:1]), ("two", None), ("again", None)):
+            folder = {str(tmp_path)!r} + "/" + ("two" if name == "again" else name)
+            summary = infer.run_inference(
+                cfg, variables, examples, folder, apply_fn=apply, save_probs=True, devices=use
+            )
+            out[name] = {{k: summary[k] for k in
+                         ("num_predicted", "num_skipped", "images_per_device")}}
+            out[name]["confusion"] = summary["confusions"]["pred"].tolist()
+        print("RESULT" + json.dumps(out))
+        """
+    )
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    result = json.loads(proc.stdout.split("RESULT")[-1])
+    assert result["one"]["images_per_device"] == {"cpu:0": 4}
+    assert result["two"]["images_per_device"] == {"cpu:0": 2, "cpu:1": 2}
+    assert result["two"]["confusion"] == result["one"]["confusion"]
+    assert result["again"]["num_skipped"] == 4 and result["again"]["num_predicted"] == 0
+    assert result["again"]["confusion"] == result["one"]["confusion"]
+    names = sorted(p.stem for p in (tmp_path / "one" / "pred").iterdir())
+    assert len(names) == 4
+    for name in names:
+        np.testing.assert_array_equal(
+            np.load(tmp_path / "two" / "probs" / f"{name}.npy"),
+            np.load(tmp_path / "one" / "probs" / f"{name}.npy"),
+        )
+        # Same labels and the same restart key: the PNGs are byte-identical.
+        one, two = (tmp_path / kind / "pred" / f"{name}.png" for kind in ("one", "two"))
+        assert one.read_bytes() == two.read_bytes()
