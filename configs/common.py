@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.num_classes = 21  # background included
     config.model.width = 1.0  # channel multiplier; 1.0 is the reference WideResNet38
     config.model.num_iters = 1  # low-rank factorisation iterations while training
+    config.model.use_low_rank = True  # False: the ablation without the low-rank module
     config.model.temperature = 1.0
     config.model.scale_factor = 0.5  # size of the second view
     config.model.dtype = "float32"  # or bfloat16 (parameters stay float32)

@@ -721,6 +721,46 @@ def test_build_model_from_config_dict():
     assert (model.temperature, model.dtype, model.remat) == (0.5, jnp.float32, True)
 
 
+def test_without_low_rank_module_features_pass_through():
+    """``use_low_rank=False`` (the ablation): no module parameters, the heads see the decoder
+    features themselves, codes are zeros (code-consistency term 0), dictionary = its init."""
+    from slr_jax.losses import code_consistency
+    from slr_jax.ops import resize_bilinear_align_corners
+
+    full, variables = small_model_and_variables("wsss")
+    ablated = SLRNet(variant="wsss", num_classes=21, width=WIDTH, use_low_rank=False)
+    shapes = variable_shapes(ablated)
+    assert "factorization_reconstruction" not in shapes["params"]
+    params = {k: v for k, v in variables["params"].items() if k != "factorization_reconstruction"}
+    assert set(params) == set(shapes["params"])
+    trimmed = {"params": params, "batch_stats": variables["batch_stats"]}
+    images = _images()
+
+    def masks_without_module(m, x):  # the full model's own pieces, skipping the module
+        feats, shallow = m.decoder_features(x, False)
+        return m.segmentation_forward(feats, shallow, False)[1]
+
+    def dictionary_init(m, x):
+        feats, _ = m.decoder_features(x, False)
+        return initial_dictionary(feats, m.aux_forward(feats, False)[0])
+
+    out = ablated.apply(trimmed, images, mode="test")
+    expected = resize_bilinear_align_corners(
+        full.apply(variables, images, method=masks_without_module), IMAGE_HW
+    )
+    np.testing.assert_allclose(out["masks"], expected, atol=1e-6)
+    assert float(jnp.max(jnp.abs(out["masks"] - full.apply(variables, images)["masks"]))) > 1e-4
+
+    train = ablated.apply(trimmed, images, mode="train")
+    assert not np.any(np.asarray(train["codes"])) and not np.any(np.asarray(train["codes2"]))
+    assert float(code_consistency(train["codes"], train["codes2"])) == 0.0
+    np.testing.assert_allclose(
+        train["dictionary"], full.apply(variables, images, method=dictionary_init), atol=1e-6
+    )
+    cfg = ml_collections.ConfigDict(dict(variant="wsss", width=WIDTH, use_low_rank=False))
+    assert build_model(cfg).use_low_rank is False
+
+
 def test_clear_errors_for_bad_configuration_and_input():
     with pytest.raises(ValueError, match="model.dtype must be 'float32' or 'bfloat16'"):
         build_model(ml_collections.ConfigDict(dict(dtype="float16")))

@@ -57,6 +57,8 @@ class SLRNet(nn.Module):
       scale_factor: size factor of the second view (``int(H*f) x int(W*f)``).
       dtype: computation dtype (parameters stay float32).
       remat: rematerialise backbone blocks in the backward pass (saves activation memory).
+      use_low_rank: False drops the cross-view low-rank module (an ablation: features pass
+        through unchanged, codes are zeros so the code-consistency term is 0, no parameters).
     """
 
     variant: str = "wsss"
@@ -67,6 +69,7 @@ class SLRNet(nn.Module):
     scale_factor: float = 0.5
     dtype: Any = jnp.float32
     remat: bool = False
+    use_low_rank: bool = True
 
     def setup(self):
         if self.variant not in VARIANTS:
@@ -84,9 +87,10 @@ class SLRNet(nn.Module):
         self.shallow_mask = GCI(self.width, self.dtype)
         self.last_conv = LastConv(head_out, self.width, self.dtype)
         self.aux_head = AuxHead(head_out, self.width, self.dtype)
-        self.factorization_reconstruction = FactorizationReconstruction(
-            self.num_iters, self.temperature, self.dtype
-        )
+        if self.use_low_rank:
+            self.factorization_reconstruction = FactorizationReconstruction(
+                self.num_iters, self.temperature, self.dtype
+            )
 
     @property
     def predicts_background(self) -> bool:
@@ -135,6 +139,10 @@ class SLRNet(nn.Module):
 
         Returns (reconstructed views, codes per view (B, h_i, w_i, K), dictionary (B, K, D)).
         """
+        if not self.use_low_rank:
+            atoms = dictionary_init.shape[1]
+            codes = [jnp.zeros((*v.shape[:3], atoms), jnp.float32) for v in views]
+            return list(views), codes, dictionary_init.astype(jnp.float32)
         flat = jnp.concatenate([_flatten_pixels(v) for v in views], axis=1)
         out, codes, dictionary = self.factorization_reconstruction(flat, dictionary_init)
         recon, codes_per_view, start = [], [], 0
@@ -218,6 +226,7 @@ def build_model(model_cfg) -> SLRNet:
         scale_factor=float(model_cfg.get("scale_factor", 0.5)),
         dtype=dtype,
         remat=bool(model_cfg.get("remat", False)),
+        use_low_rank=bool(model_cfg.get("use_low_rank", True)),
     )
 
 
