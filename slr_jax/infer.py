@@ -390,19 +390,7 @@ class PendingPrediction:
 
 
 def multiscale_predict(
-    apply_fn: ApplyFn,
-    variables: Any,
-    image: np.ndarray,
-    *,
-    scales: Sequence[float] = DEFAULT_SCALES,
-    flip: bool = True,
-    resize: str = "pil_bicubic",
-    mode: str = "test",
-    bucket_step: int = 0,
-    bucket_pad: str = "constant",
-    mask_stride: int = MASK_STRIDE,
-    rescore: bool = False,
-    device: Any = None,
+    apply_fn: ApplyFn, variables: Any, image: np.ndarray, **options: Any
 ) -> tuple[np.ndarray, np.ndarray]:
     """Multi-scale (+ mirrored) prediction of one image -> (cls (C-1,), masks (H, W, C)).
 
@@ -421,22 +409,11 @@ def multiscale_predict(
     padding. The returned maps always cover exactly the (H, W) of ``image``. ``rescore``
     (SLRNet's single-view ``mode='test'`` only, not ``semi_wo_cls``) recomputes the class
     scores from the masks of the valid grid (:func:`valid_class_scores`), so the padding does
-    not enter them either. ``device``: see :func:`multiscale_predict_async`.
+    not enter them either. ``device``: see :func:`multiscale_predict_async`, whose keyword
+    ``options`` (and defaults) these are: ``scales``, ``flip``, ``resize``, ``mode``,
+    ``bucket_step``, ``bucket_pad``, ``mask_stride``, ``rescore``, ``device``.
     """
-    return multiscale_predict_async(
-        apply_fn,
-        variables,
-        image,
-        scales=scales,
-        flip=flip,
-        resize=resize,
-        mode=mode,
-        bucket_step=bucket_step,
-        bucket_pad=bucket_pad,
-        mask_stride=mask_stride,
-        rescore=rescore,
-        device=device,
-    ).result()
+    return multiscale_predict_async(apply_fn, variables, image, **options).result()
 
 
 def multiscale_predict_async(
