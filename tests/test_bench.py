@@ -21,20 +21,15 @@ from jax.experimental.compilation_cache import compilation_cache
 
 from slr_jax import bench
 
+# The smallest run: crop 33, batch 2, one warm-up call, one inference scale.
+SMALL = ["--config.test.scales=(1.0,)", "--crop", "33", "--batch", "2", "--warmup", "1"]
+SMALL += ["--infer-size", "33"]
 TINY = [
+    *SMALL,
     "--config.model.width=0.0625",
     "--config.loss.pamr_dilations=(1, 2)",
-    "--config.test.scales=(1.0,)",
-    "--crop",
-    "33",
-    "--batch",
-    "2",
-    "--warmup",
-    "1",
     "--steps",
     "2",
-    "--infer-size",
-    "33",
     # LLVM at -O0: the cold compile of the step takes about 2.5x less time; speed is not tested.
     "--xla-option",
     "xla_backend_optimization_level=0",
@@ -153,21 +148,7 @@ def test_peak_table_and_alternation():
 
 
 def test_against_the_reference(reference_repo, tmp_path, xla_cache):
-    args = [
-        "--config.test.scales=(1.0,)",
-        "--crop",
-        "33",
-        "--batch",
-        "2",
-        "--warmup",
-        "1",
-        "--steps",
-        "1",
-        "--infer-size",
-        "33",
-        "--reference-repo",
-        str(reference_repo),
-    ]
+    args = [*SMALL, "--steps", "1", "--reference-repo", str(reference_repo)]
     r = _run(tmp_path, args, xla_cache)
     assert r["width"] == 1.0 and r["device"]["reference"] in ("cpu", "cuda")
     for key in ("train_step_s", "infer_s"):
