@@ -27,7 +27,7 @@ Reported besides the medians: their ratio slr_jax / reference (< 1: slr_jax is f
 compile time (first call minus median; for slr_jax also lowering and XLA compilation apart),
 peak memory (device ``memory_stats()`` / ``torch.cuda.max_memory_allocated`` on accelerators;
 on the CPU the process RSS, sampled during each call, peak minus the RSS before the call), the
-step's FLOPs from XLA's cost analysis of the compiled program, the achieved TFLOP/s and, on
+step's FLOPs from XLA's cost analysis of the lowered program, the achieved TFLOP/s and, on
 devices whose bf16 dense peak is tabled below, the MFU. ``--pieces`` adds timings of parts
 (backbone forward on both views, forward with every loss term, PAMR; ``backward_and_update`` is
 the step minus the forward with loss) to show where the time goes. Results: docs/benchmarks.md.
@@ -62,8 +62,7 @@ if str(_REPO_ROOT) not in sys.path:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.experimental.compilation_cache import compilation_cache  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 from slr_jax import infer as infer_lib  # noqa: E402
 from slr_jax import parity, train  # noqa: E402
@@ -234,16 +233,41 @@ def alternate(
     return out
 
 
-def xla_flops(compiled: Any) -> float | None:
-    """FLOPs of a compiled XLA program from its cost analysis (None when unavailable)."""
+def xla_flops(program: Any) -> float | None:
+    """FLOPs from the cost analysis of a lowered or compiled XLA program (None if unavailable)."""
     try:
-        cost = compiled.cost_analysis()
-    except Exception:  # some backends do not implement it
+        cost = program.cost_analysis()
+    except Exception:  # some backends and releases do not implement it
         return None
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else None
     flops = (cost or {}).get("flops")
     return float(flops) if flops and flops > 0 else None
+
+
+def count_train_step_flops(config: Any, plan: Any, state: Any, batch: dict) -> float | None:
+    """FLOPs of one global train step, counted on a one-device CPU mesh whatever the backend.
+
+    Counted on the host because the accelerator's own count is wrong: on an H200, XLA's cost
+    analysis of the compiled GPU step left out the convolutions that run as cuDNN custom calls
+    (36 GFLOP for a ~14 TFLOP step), and JAX 0.11's lowered GPU program gave none. The lowered
+    CPU program (before optimisation) counts every convolution; where a JAX release cannot
+    analyse it, the CPU-compiled program is analysed instead (slower: a host compilation).
+    Inputs are abstract (shapes only), so nothing is copied or run.
+    """
+    cpu_mesh = Mesh(np.asarray(jax.devices("cpu")[:1]), ("data",))
+    step = train.compile_train_step(config, plan, cpu_mesh, state)
+    abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
+    lowered = step.lower(
+        jax.tree_util.tree_map(abstract, state), jax.tree_util.tree_map(abstract, batch)
+    )
+    flops = xla_flops(lowered)
+    if flops is None:
+        try:
+            flops = xla_flops(lowered.compile())
+        except Exception:
+            return None
+    return flops
 
 
 def peak_bf16_tflops(device_kind: str) -> float | None:
@@ -333,6 +357,7 @@ class JaxSide:
         self.init_s = time.perf_counter() - t0
         self.batch = train.shard_batch(inputs, self.mesh)
         self.compiled = None
+        self.flops: float | None = None  # of the global step, see ``count_train_step_flops``
         self.timings: dict[str, float] = {}
         self.metrics: dict[str, float] = {}
 
@@ -345,6 +370,12 @@ class JaxSide:
         self.compiled = lowered.compile(self.compiler_options)
         t2 = time.perf_counter()
         self.timings.update(lower_s=t1 - t0, xla_compile_s=t2 - t1)
+
+    def count_flops(self) -> None:
+        """Counts the global step's FLOPs (timed apart: ``flop_count_s``)."""
+        t0 = time.perf_counter()
+        self.flops = count_train_step_flops(self.config, self.plan, self.state, self.batch)
+        self.timings["flop_count_s"] = time.perf_counter() - t0
 
     def step(self) -> None:
         if self.compiled is None:
@@ -643,6 +674,9 @@ def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> dict:
     if args.xla_cache_dir:
         jax.config.update("jax_compilation_cache_dir", args.xla_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        # Experimental module, imported only when asked for: not every JAX release has it.
+        from jax.experimental.compilation_cache import compilation_cache
+
         compilation_cache.reset_cache()  # takes the folder even after earlier compilations
 
     compiler_options = {}
@@ -755,9 +789,11 @@ def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> dict:
         median(times, "slr_jax") / median(times, "reference") if with_ref and times else None
     )
     step_s = median(train_times, "slr_jax")
-    flops = xla_flops(ours.compiled)
+    ours.count_flops()  # after the timed calls: host work only, never inside a measurement
+    flops = ours.flops
     peak = peak_bf16_tflops(device.device_kind)
-    achieved = flops / step_s / 1e12 if flops else None
+    # Per chip: the lowered program is the global step, spread over every device.
+    achieved = flops / step_s / 1e12 / jax.device_count() if flops else None
     compile_s = {
         "slr_jax_train": train_times["slr_jax"]["first_s"] - step_s,
         "slr_jax_train_lower": ours.timings["lower_s"],
@@ -790,7 +826,8 @@ def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> dict:
         "memory": memory,
         "flops": {
             "train_step": flops,
-            "source": "XLA cost_analysis() of the compiled train step (one device's program)",
+            "source": "XLA cost_analysis() of the global train step lowered for one CPU device",
+            "count_s": ours.timings["flop_count_s"],
             "achieved_tflops": achieved,
             "peak_bf16_tflops": peak,
             "mfu": achieved / peak if (achieved and peak) else None,
