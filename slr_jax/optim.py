@@ -7,6 +7,7 @@ label             leaves                                      lr         weight 
 ================  ==========================================  =========  ============
 frozen            backbone BatchNorm leaves; all of backbone  0 (none)   none
                   ``conv1a``, ``b2``, ``b2_1``, ``b2_2``
+                  (the stem)
 backbone_weight   other backbone ``kernel``                   x1         yes
 backbone_bias     other backbone ``bias``                     x2         no
 head_weight       head ``kernel`` / ``scale`` / other leaves  x10        yes
@@ -17,10 +18,16 @@ The update is PyTorch's ``SGD(momentum=0.9, nesterov=True)`` with *coupled* weig
 the decay term is added to the gradient before the momentum buffer, as in
 ``torch.optim.SGD(weight_decay=...)``. Frozen leaves get exactly zero updates and carry no
 optimiser state.
+
+Training from random weights (the CPU demo; the reference always starts from ImageNet) can
+unfreeze the stem (``train.freeze_stem=False``: its leaves join the backbone groups) and the
+backbone BatchNorms (``model.train_backbone_norm=True``: ``scale`` -> backbone_weight,
+``bias`` -> backbone_bias).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -56,7 +63,9 @@ def _is_batchnorm_module(name: str) -> bool:
     return name.startswith("bn") or name.startswith("BatchNorm")
 
 
-def _label_for_path(names: Sequence[str]) -> str:
+def _label_for_path(
+    names: Sequence[str], freeze_stem: bool = True, freeze_backbone_norm: bool = True
+) -> str:
     """Group label of one leaf given its path names, e.g. ``('backbone', 'b3', 'bn7', 'bias')``."""
     if len(names) < 2:
         raise ValueError(
@@ -65,11 +74,14 @@ def _label_for_path(names: Sequence[str]) -> str:
         )
     top, modules, leaf = names[0], names[1:-1], names[-1]
     if top == "backbone":
-        if modules and modules[0] in FROZEN_BACKBONE_BLOCKS:
+        if freeze_stem and modules and modules[0] in FROZEN_BACKBONE_BLOCKS:
             return FROZEN
         # Backbone convolutions carry no 'scale', so any backbone 'scale' is a BatchNorm one.
-        if leaf == "scale" or any(_is_batchnorm_module(m) for m in modules):
+        is_norm = leaf == "scale" or any(_is_batchnorm_module(m) for m in modules)
+        if is_norm and freeze_backbone_norm:
             return FROZEN
+        if is_norm and leaf == "scale":
+            return BACKBONE_WEIGHT
         if leaf == "bias":
             return BACKBONE_BIAS
         if leaf == "kernel":
@@ -81,12 +93,16 @@ def _label_for_path(names: Sequence[str]) -> str:
     return HEAD_BIAS if leaf == "bias" else HEAD_WEIGHT
 
 
-def param_group_labels(params: Any) -> Any:
+def param_group_labels(
+    params: Any, *, freeze_stem: bool = True, freeze_backbone_norm: bool = True
+) -> Any:
     """Labels every leaf of a Flax ``params`` tree with its group name (see module docstring).
 
     Args:
       params: the ``params`` collection (nested dicts ending in ``kernel``/``bias``/``scale``),
         i.e. ``variables['params']``, not the whole ``variables`` dict.
+      freeze_stem: the reference's frozen blocks ``conv1a``, ``b2``, ``b2_1``, ``b2_2``.
+      freeze_backbone_norm: the reference's frozen backbone BatchNorm affine parameters.
     Returns:
       A pytree with the structure of ``params`` whose leaves are strings in ``GROUP_LABELS``.
     """
@@ -98,7 +114,10 @@ def param_group_labels(params: Any) -> Any:
                 f"{sorted(collections)}; pass variables['params'] instead."
             )
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: _label_for_path([_key_name(p) for p in path]), params
+        lambda path, _: _label_for_path(
+            [_key_name(p) for p in path], freeze_stem, freeze_backbone_norm
+        ),
+        params,
     )
 
 
@@ -218,17 +237,20 @@ def make_optimizer(
     *,
     learning_rate: optax.Schedule | float | None = None,
     steps_per_epoch: int | None = None,
+    train_backbone_norm: bool = False,
 ) -> optax.GradientTransformation:
     """The reference optimiser: 4 SGD groups (lr x1/x2/x10/x20) plus zero updates when frozen.
 
     Args:
       cfg_train: ``config.train``; reads ``lr``, ``num_epochs``, ``pretrain_epochs``,
-        ``total_steps``, ``weight_decay`` (5e-4), ``momentum`` (0.9), ``nesterov`` (True) and
-        ``lr_multipliers`` (1, 2, 10, 20).
+        ``total_steps``, ``weight_decay`` (5e-4), ``momentum`` (0.9), ``nesterov`` (True),
+        ``lr_multipliers`` (1, 2, 10, 20) and ``freeze_stem`` (True).
       params: optional ``params`` tree; when given, its labels are checked here so a bad tree
         fails early. Labels are recomputed from whatever tree ``init`` receives.
       learning_rate: base schedule or float overriding the one built from ``cfg_train``.
       steps_per_epoch: used to build the schedule (default ``total_steps // num_epochs``).
+      train_backbone_norm: ``config.model.train_backbone_norm`` (train the backbone
+        BatchNorms' affine parameters; the reference freezes them).
     Returns:
       An ``optax.GradientTransformation`` over the whole ``params`` tree.
     """
@@ -252,11 +274,16 @@ def make_optimizer(
     if nesterov and momentum == 0:
         raise ValueError("Nesterov momentum needs train.momentum > 0 (the reference uses 0.9).")
 
+    labels_fn = functools.partial(
+        param_group_labels,
+        freeze_stem=bool(_cfg_get(cfg_train, "freeze_stem", True)),
+        freeze_backbone_norm=not train_backbone_norm,
+    )
     if params is not None:
-        param_group_labels(params)  # raises on a malformed tree
+        labels_fn(params)  # raises on a malformed tree
 
     transforms = {FROZEN: optax.set_to_zero()}
     for group, multiplier in zip(TRAINABLE_GROUPS, multipliers):
         decay = weight_decay if group in _DECAYED_GROUPS else 0.0
         transforms[group] = _group_transform(schedule, float(multiplier), decay, momentum, nesterov)
-    return optax.multi_transform(transforms, param_group_labels)
+    return optax.multi_transform(transforms, labels_fn)

@@ -158,7 +158,12 @@ def create_train_state(
     schedule = optim.learning_rate_schedule(
         float(config.train.lr), plan.pretrain_steps, plan.total_steps, plan.decay_steps
     )
-    tx = optim.make_optimizer(config.train, variables["params"], learning_rate=schedule)
+    tx = optim.make_optimizer(
+        config.train,
+        variables["params"],
+        learning_rate=schedule,
+        train_backbone_norm=bool(config.model.train_backbone_norm),
+    )
     params = variables["params"]
     # One compiled init instead of hundreds of eager zeros_like dispatches.
     opt_state = jax.jit(tx.init)(params)

@@ -166,6 +166,56 @@ def test_resblock_matches_torch(cin, mid, cout, stride, first_dilation, dilation
     assert_close(pre, from_torch(ref_pre), what="ResBlock bn-relu")
 
 
+def test_resblock_batch_norm_stats_option_trains_with_batch_statistics():
+    """``batch_norm_stats=True`` (training from scratch): torch ``BatchNorm2d`` in training
+    mode (batch statistics, running mean with PyTorch's default momentum 0.1); in eval mode
+    the same block equals the reference's frozen one."""
+    cin = cout = 8
+    block = ResBlock(8, cout, batch_norm_stats=True)
+    x = _nhwc((3, 9, 7, cin))
+    variables = random_variables(block, x)
+    (out, _), updates = block.apply(variables, x, True, mutable=["batch_stats"])
+    w = TorchWeights(variables)
+    pre = F.relu(F.batch_norm(to_torch(x), None, None, w.sd["bn_branch2a.weight"],
+                              w.sd["bn_branch2a.bias"], training=True, eps=BN_EPS))  # fmt: skip
+    y = w.conv(pre, "conv_branch2a")
+    y = F.relu(F.batch_norm(y, None, None, w.sd["bn_branch2b1.weight"],
+                            w.sd["bn_branch2b1.bias"], training=True, eps=BN_EPS))  # fmt: skip
+    ref = to_torch(x) + w.conv(y, "conv_branch2b1")
+    assert_close(out, from_torch(ref), what="ResBlock with batch statistics")
+    old = _bn_leaves(variables["batch_stats"])
+    new = _bn_leaves(updates["batch_stats"])
+    batch_mean = np.asarray(x, np.float64).mean(axis=(0, 1, 2))
+    assert_close(new["bn_branch2a/mean"], 0.9 * old["bn_branch2a/mean"] + 0.1 * batch_mean,
+                 what="running mean, momentum 0.1")  # fmt: skip
+    frozen = ResBlock(8, cout)
+    for train in (False, True):
+        assert not np.array_equal(
+            np.asarray(out), np.asarray(frozen.apply(variables, x, True)[0])
+        ), "batch statistics must change the training output"
+        np.testing.assert_array_equal(
+            np.asarray(block.apply(variables, x, False)[0]),
+            np.asarray(frozen.apply(variables, x, train)[0]),
+            err_msg="eval mode must use the running statistics, as the frozen block",
+        )
+
+
+def test_slrnet_train_backbone_norm_updates_backbone_statistics():
+    cfg = ml_collections.ConfigDict(dict(num_classes=21, width=WIDTH, train_backbone_norm=True))
+    model = build_model(cfg)
+    assert model.train_backbone_norm
+    variables = fill_random(variable_shapes(model), 0)
+    _, updates = model.apply(
+        variables, _images(), mode="train", train=True, rngs={"dropout": jax.random.key(0)},
+        mutable=["batch_stats"],
+    )  # fmt: skip
+    old = _bn_leaves(variables["batch_stats"]["backbone"])
+    new = _bn_leaves(updates["batch_stats"]["backbone"])
+    assert set(old) == set(new)
+    for name, value in old.items():
+        assert not np.array_equal(value, new[name]), f"backbone {name} did not update"
+
+
 def test_bottleneck_matches_torch_eval():
     cout, dilation = 32, 4
     block = BottleneckBlock(cout, dilation, dropout=0.3)

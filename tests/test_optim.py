@@ -278,6 +278,31 @@ def test_wrong_decay_or_multipliers_are_detected():
     assert np.max(np.abs(base[key] - no_decay[key])) > 1e-5
 
 
+def test_from_scratch_options_unfreeze_stem_and_backbone_norm():
+    params = _fake_params(np.random.default_rng(5))
+    stem = {k for k in FAKE_EXPECTED if k[1] in optim.FROZEN_BACKBONE_BLOCKS}
+    norm = {k for k in FAKE_EXPECTED if k[0] == "backbone" and k[-2].startswith("bn")}
+    expected = dict(FAKE_EXPECTED)
+    for k in stem | norm:
+        expected[k] = "backbone_bias" if k[-1] == "bias" else "backbone_weight"
+    labels = optim.param_group_labels(params, freeze_stem=False, freeze_backbone_norm=False)
+    assert _flat(labels) == expected and "frozen" not in _flat(labels).values()
+    # Each switch alone: the stem's BatchNorm stays frozen with the norm switch off.
+    only_stem = _flat(optim.param_group_labels(params, freeze_stem=False))
+    assert only_stem[("backbone", "conv1a", "kernel")] == "backbone_weight"
+    assert only_stem[("backbone", "b2", "bn_branch2a", "scale")] == "frozen"
+    only_norm = _flat(optim.param_group_labels(params, freeze_backbone_norm=False))
+    assert only_norm[("backbone", "bn7", "scale")] == "backbone_weight"
+    assert only_norm[("backbone", "conv1a", "kernel")] == "frozen"
+    # Through make_optimizer: config.train.freeze_stem and the model's train_backbone_norm.
+    cfg = {"lr": 1.0, "num_epochs": 2, "pretrain_epochs": 0, "total_steps": 4,
+           "freeze_stem": False}  # fmt: skip
+    tx = optim.make_optimizer(cfg, params, train_backbone_norm=True)
+    grads = jax.tree_util.tree_map(lambda x: jnp.full_like(x, 7.0), params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert all(np.all(np.asarray(u) != 0) for u in _flat(updates).values())
+
+
 def test_frozen_leaves_get_zero_updates_and_no_state():
     params = _fake_params(np.random.default_rng(3))
     cfg = {"lr": 1.0, "num_epochs": 2, "pretrain_epochs": 0, "total_steps": 4}

@@ -1,10 +1,14 @@
 """WideResNet38 ("resnet38d"), the SLRNet backbone, in Flax linen (NHWC).
 
-Output stride 8. Pre-activation residual blocks (BatchNorm -> ReLU -> conv). Every BatchNorm
-of the backbone always normalises with its running statistics, in training too, and its
-affine parameters are frozen (see ``slr_jax.optim``); the blocks ``conv1a``, ``b2``, ``b2_1``
-and ``b2_2`` are frozen entirely. ``b6``/``b7`` apply channel dropout (PyTorch ``Dropout2d``)
-in training, from the ``'dropout'`` RNG stream.
+Output stride 8. Pre-activation residual blocks (BatchNorm -> ReLU -> conv). As in the
+reference, every BatchNorm of the backbone always normalises with its running statistics, in
+training too, and its affine parameters are frozen (see ``slr_jax.optim``); the blocks
+``conv1a``, ``b2``, ``b2_1`` and ``b2_2`` are frozen entirely. That suits an ImageNet
+initialisation; for training from random weights (the CPU demo), ``batch_norm_stats=True``
+normalises with batch statistics in training (running averages updated) and the optimiser can
+train the affine parameters and the stem (``model.train_backbone_norm``,
+``train.freeze_stem``). ``b6``/``b7`` apply channel dropout (PyTorch ``Dropout2d``) in
+training, from the ``'dropout'`` RNG stream.
 
 Module names equal the reference's PyTorch attribute names, so converted state-dict keys map
 one to one (``docs/design.md``).
@@ -75,9 +79,16 @@ def conv(
     )
 
 
-def frozen_batch_norm(dtype: Any, name: str) -> nn.BatchNorm:
-    """BatchNorm that always uses running statistics (PyTorch ``FixedBatchNorm2d``)."""
-    return nn.BatchNorm(use_running_average=True, epsilon=BN_EPS, dtype=dtype, name=name)
+def backbone_batch_norm(dtype: Any, name: str, batch_stats: bool, train: bool) -> nn.BatchNorm:
+    """A backbone BatchNorm: running statistics always (PyTorch ``FixedBatchNorm2d``, the
+    reference) unless ``batch_stats``, which uses batch statistics when ``train``."""
+    return nn.BatchNorm(
+        use_running_average=not (batch_stats and train),
+        momentum=0.9,  # PyTorch's momentum 0.1, used only when ``batch_stats``
+        epsilon=BN_EPS,
+        dtype=dtype,
+        name=name,
+    )
 
 
 class ResBlock(nn.Module):
@@ -92,12 +103,14 @@ class ResBlock(nn.Module):
     first_dilation: int = 1
     dilation: int = 1
     dtype: Any = jnp.float32
+    batch_norm_stats: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
         """Returns ``(output, relu(bn_branch2a(x)))``."""
+        bn = lambda name: backbone_batch_norm(self.dtype, name, self.batch_norm_stats, train)
         same_shape = x.shape[-1] == self.out_channels and self.stride == 1
-        pre = nn.relu(frozen_batch_norm(self.dtype, "bn_branch2a")(x))
+        pre = nn.relu(bn("bn_branch2a")(x))
         if same_shape:
             shortcut = x
         else:
@@ -112,7 +125,7 @@ class ResBlock(nn.Module):
             dtype=self.dtype,
             name="conv_branch2a",
         )(pre)
-        y = nn.relu(frozen_batch_norm(self.dtype, "bn_branch2b1")(y))
+        y = nn.relu(bn("bn_branch2b1")(y))
         y = conv(
             self.out_channels, 3, dilation=self.dilation, dtype=self.dtype, name="conv_branch2b1"
         )(y)
@@ -129,16 +142,18 @@ class BottleneckBlock(nn.Module):
     dilation: int = 1
     dropout: float = 0.0
     dtype: Any = jnp.float32
+    batch_norm_stats: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
         """Returns ``(output, relu(bn_branch2a(x)))``."""
+        bn = lambda name: backbone_batch_norm(self.dtype, name, self.batch_norm_stats, train)
         # Dropout2d zeroes whole channels: one draw per (example, channel).
         channel_dropout = nn.Dropout(self.dropout, broadcast_dims=(1, 2), deterministic=not train)
-        pre = nn.relu(frozen_batch_norm(self.dtype, "bn_branch2a")(x))
+        pre = nn.relu(bn("bn_branch2a")(x))
         shortcut = conv(self.out_channels, 1, dtype=self.dtype, name="conv_branch1")(pre)
         y = conv(max(1, self.out_channels // 4), 1, dtype=self.dtype, name="conv_branch2a")(pre)
-        y = nn.relu(frozen_batch_norm(self.dtype, "bn_branch2b1")(y))
+        y = nn.relu(bn("bn_branch2b1")(y))
         y = channel_dropout(y)
         y = conv(
             max(1, self.out_channels // 2),
@@ -147,7 +162,7 @@ class BottleneckBlock(nn.Module):
             dtype=self.dtype,
             name="conv_branch2b1",
         )(y)
-        y = nn.relu(frozen_batch_norm(self.dtype, "bn_branch2b2")(y))
+        y = nn.relu(bn("bn_branch2b2")(y))
         y = channel_dropout(y)
         y = conv(self.out_channels, 1, dtype=self.dtype, name="conv_branch2b2")(y)
         return shortcut + y, pre
@@ -163,6 +178,7 @@ class WideResNet38(nn.Module):
     width: float = 1.0
     dtype: Any = jnp.float32
     remat: bool = False
+    batch_norm_stats: bool = False
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -177,11 +193,21 @@ class WideResNet38(nn.Module):
         features = {}
         for name, kind, _, mid, out, stride, first_dil, dil, drop in RESNET38_BLOCKS:
             if kind == "basic":
-                block = basic(ch(mid), ch(out), stride, first_dil, dil, dtype=self.dtype, name=name)
+                block = basic(
+                    ch(mid),
+                    ch(out),
+                    stride,
+                    first_dil,
+                    dil,
+                    self.dtype,
+                    self.batch_norm_stats,
+                    name=name,
+                )
             else:
-                block = bottleneck(ch(out), dil, drop, dtype=self.dtype, name=name)
+                block = bottleneck(ch(out), dil, drop, self.dtype, self.batch_norm_stats, name=name)
             x, _ = block(x, train)
             if name == CONV3_BLOCK:
                 features["conv3"] = x
-        features["conv6"] = nn.relu(frozen_batch_norm(self.dtype, "bn7")(x))
+        bn7 = backbone_batch_norm(self.dtype, "bn7", self.batch_norm_stats, train)
+        features["conv6"] = nn.relu(bn7(x))
         return features

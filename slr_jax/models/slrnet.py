@@ -59,6 +59,9 @@ class SLRNet(nn.Module):
       remat: rematerialise backbone blocks in the backward pass (saves activation memory).
       use_low_rank: False drops the cross-view low-rank module (an ablation: features pass
         through unchanged, codes are zeros so the code-consistency term is 0, no parameters).
+      train_backbone_norm: False (the reference) keeps the backbone BatchNorms on their running
+        statistics; True normalises them with batch statistics in training (for training from
+        random weights; the optimiser then trains their affine parameters too).
     """
 
     variant: str = "wsss"
@@ -70,6 +73,7 @@ class SLRNet(nn.Module):
     dtype: Any = jnp.float32
     remat: bool = False
     use_low_rank: bool = True
+    train_backbone_norm: bool = False
 
     def setup(self):
         if self.variant not in VARIANTS:
@@ -80,7 +84,9 @@ class SLRNet(nn.Module):
             )
         ch = lambda c: scale_channels(c, self.width)
         head_out = self.num_classes if self.predicts_background else self.num_classes - 1
-        self.backbone = WideResNet38(self.width, self.dtype, self.remat)
+        self.backbone = WideResNet38(
+            self.width, self.dtype, self.remat, batch_norm_stats=self.train_backbone_norm
+        )
         self.aspp = ASPP(self.width, self.dtype)
         self.fc8_skip = ConvBNReLU(ch(48), dtype=self.dtype)
         self.fc8_x = ConvBNReLU(ch(256), kernel=3, dtype=self.dtype)
@@ -227,6 +233,7 @@ def build_model(model_cfg) -> SLRNet:
         dtype=dtype,
         remat=bool(model_cfg.get("remat", False)),
         use_low_rank=bool(model_cfg.get("use_low_rank", True)),
+        train_backbone_norm=bool(model_cfg.get("train_backbone_norm", False)),
     )
 
 
