@@ -29,6 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Reference (ImageNet start): backbone BatchNorms on running statistics, affine frozen, and
     # the stem (conv1a, b2, b2_1, b2_2) frozen. True / False below train them from scratch.
     config.model.train_backbone_norm = False
+    config.model.zero_init_residual = False  # True: residual branches start at 0 (from scratch)
     config.model.temperature = 1.0
     config.model.scale_factor = 0.5  # size of the second view
     config.model.dtype = "float32"  # or bfloat16 (parameters stay float32)

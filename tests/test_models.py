@@ -21,7 +21,7 @@ from absl.testing import parameterized
 from flax import traverse_util
 
 from slr_jax.convert import flax_to_torch
-from slr_jax.models import MODES, SLRNet, build_model, variable_shapes
+from slr_jax.models import MODES, SLRNet, build_model, init_variables, variable_shapes
 from slr_jax.models.backbone import BottleneckBlock, ResBlock, WideResNet38
 from slr_jax.models.heads import (
     ASPP,
@@ -198,6 +198,32 @@ def test_resblock_batch_norm_stats_option_trains_with_batch_statistics():
             np.asarray(frozen.apply(variables, x, train)[0]),
             err_msg="eval mode must use the running statistics, as the frozen block",
         )
+
+
+def test_zero_init_residual_starts_each_block_as_its_shortcut():
+    x = _nhwc((2, 9, 7, 8))
+    block = ResBlock(8, 8, zero_init_residual=True)
+    variables = block.init(jax.random.key(0), x)
+    assert not np.any(np.asarray(variables["params"]["conv_branch2b1"]["kernel"]))
+    assert np.any(np.asarray(variables["params"]["conv_branch2a"]["kernel"]))
+    np.testing.assert_array_equal(np.asarray(block.apply(variables, x)[0]), x)
+    bottleneck = BottleneckBlock(16, dilation=2, zero_init_residual=True)
+    variables = bottleneck.init(jax.random.key(0), x)
+    out, pre = bottleneck.apply(variables, x)
+    shortcut = jax.lax.conv_general_dilated(
+        pre, variables["params"]["conv_branch1"]["kernel"], (1, 1), "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )  # fmt: skip
+    np.testing.assert_allclose(np.asarray(out), np.asarray(shortcut), rtol=1e-6, atol=1e-6)
+    # The whole model: exactly the last convolution of every backbone branch starts at zero.
+    cfg = ml_collections.ConfigDict(dict(num_classes=21, width=WIDTH, zero_init_residual=True))
+    params = init_variables(build_model(cfg), jax.random.key(0))["params"]["backbone"]
+    for name, leaves in params.items():
+        for conv_name, leaf in leaves.items():
+            if not isinstance(leaf, dict) or "kernel" not in leaf:
+                continue
+            last = conv_name == ("conv_branch2b2" if name in ("b6", "b7") else "conv_branch2b1")
+            assert np.any(np.asarray(leaf["kernel"])) != last, (name, conv_name)
 
 
 def test_slrnet_train_backbone_norm_updates_backbone_statistics():

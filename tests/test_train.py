@@ -8,6 +8,7 @@ compilation cache; the multi-device check compiles only the training forward and
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -36,6 +37,10 @@ def tiny_config(tmp: Path):
     # very same programs (persistent cache hits) instead of new ones.
     config.model.num_classes = 21
     config.model.width = 0.0625
+    # The reference's freezes (the tests below pin them; the from-scratch switches have their own).
+    config.model.train_backbone_norm = False
+    config.model.zero_init_residual = False
+    config.train.freeze_stem = True
     config.loss.pamr_dilations = (1, 2)
     config.dataset.manual_dir = str(tmp / "synthetic")
     config.dataset.num_train = 8
@@ -149,6 +154,49 @@ def test_frozen_parameters_do_not_move_and_heads_do(full_run, tmp_path):
     np.testing.assert_array_equal(
         final["batch_stats"]["aspp"]["bn1"]["mean"], initial["batch_stats"]["aspp"]["bn1"]["mean"]
     )
+
+
+def test_from_scratch_switches_train_the_stem_and_backbone_norm(tmp_path):
+    """``train.freeze_stem=False``, ``model.train_backbone_norm=True`` and
+    ``model.zero_init_residual=True`` (configs/demo.py): the stem and the backbone BatchNorms
+    train, their statistics follow the batches, and the zero-initialised convolutions move."""
+    from slr_jax.models import build_model
+
+    config = tiny_config(tmp_path)
+    config.train.freeze_stem = False
+    config.model.train_backbone_norm = True
+    config.model.zero_init_residual = True
+    plan = train.plan_steps(config.train, num_examples=8)
+    state = train.create_train_state(config, build_model(config.model), plan, jax.random.key(0))
+    initial = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    assert not np.any(initial["params"]["backbone"]["b3"]["conv_branch2b1"]["kernel"])
+    mesh = train.make_mesh()
+    step = train.compile_train_step(config, plan, mesh, state)
+    rng = np.random.default_rng(0)
+    raw = rng.uniform(size=(2, 33, 33, 3)).astype(np.float32)
+    batch = {
+        "image": (raw - 0.45) / 0.225,
+        "raw_image": raw,
+        "labels": np.eye(20, dtype=np.float32)[[3, 7]],
+        "mask": rng.integers(0, 21, size=(2, 33, 33)).astype(np.int32),
+        "is_labeled": np.zeros((2,), bool),
+    }
+    for _ in range(2):  # the convolution before a zero-initialised one moves from step 2
+        state, metrics = step(state, train.shard_batch(batch, mesh))
+    assert np.isfinite(float(metrics["total"]))
+    final = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+    moved = lambda *path: (
+        not np.allclose(
+            functools.reduce(lambda t, k: t[k], path, final),
+            functools.reduce(lambda t, k: t[k], path, initial),
+        )
+    )
+    assert moved("params", "backbone", "conv1a", "kernel")
+    assert moved("params", "backbone", "b2", "conv_branch2a", "kernel")
+    assert moved("params", "backbone", "b3", "bn_branch2a", "scale")
+    assert moved("params", "backbone", "b3", "conv_branch2b1", "kernel")
+    assert moved("batch_stats", "backbone", "b3", "bn_branch2a", "mean")
+    assert moved("batch_stats", "backbone", "bn7", "var")
 
 
 def test_preempted_run_resumes_to_the_same_weights(full_run, tmp_path):
@@ -365,6 +413,10 @@ def test_main_evaluates_and_infers_from_a_training_workdir(full_run, compile_cac
         "--config.dataset.image_size=40",
         "--config.test.scales=(1.0,)",
         "--config.test.flip=False",
+        # As tiny_config: the reference's freezes, the model the workdir was trained with.
+        "--config.model.train_backbone_norm=False",
+        "--config.model.zero_init_residual=False",
+        "--config.train.freeze_stem=True",
     ]
     env = dict(
         os.environ,

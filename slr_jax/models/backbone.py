@@ -7,8 +7,11 @@ training too, and its affine parameters are frozen (see ``slr_jax.optim``); the 
 initialisation; for training from random weights (the CPU demo), ``batch_norm_stats=True``
 normalises with batch statistics in training (running averages updated) and the optimiser can
 train the affine parameters and the stem (``model.train_backbone_norm``,
-``train.freeze_stem``). ``b6``/``b7`` apply channel dropout (PyTorch ``Dropout2d``) in
-training, from the ``'dropout'`` RNG stream.
+``train.freeze_stem``), and ``zero_init_residual=True`` starts the last convolution of every
+residual branch at zero (each block starts as its shortcut; without it the full backbone at
+width 1/8 does not learn the demo's image labels from scratch, docs/results.md).
+``b6``/``b7`` apply channel dropout (PyTorch ``Dropout2d``) in training, from the
+``'dropout'`` RNG stream.
 
 Module names equal the reference's PyTorch attribute names, so converted state-dict keys map
 one to one (``docs/design.md``).
@@ -62,9 +65,11 @@ def conv(
     dilation: int = 1,
     use_bias: bool = False,
     dtype: Any = jnp.float32,
+    zero_init: bool = False,
     name: str | None = None,
 ) -> nn.Conv:
-    """A PyTorch-style conv: symmetric zero padding ``dilation * (kernel // 2)``."""
+    """A PyTorch-style conv: symmetric zero padding ``dilation * (kernel // 2)``; He-normal
+    kernel, or zeros with ``zero_init``."""
     pad = dilation * (kernel // 2)
     return nn.Conv(
         features,
@@ -74,7 +79,11 @@ def conv(
         kernel_dilation=(dilation, dilation),
         use_bias=use_bias,
         dtype=dtype,
-        kernel_init=nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
+        kernel_init=(
+            nn.initializers.zeros
+            if zero_init
+            else nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+        ),
         name=name,
     )
 
@@ -104,6 +113,7 @@ class ResBlock(nn.Module):
     dilation: int = 1
     dtype: Any = jnp.float32
     batch_norm_stats: bool = False
+    zero_init_residual: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
@@ -127,7 +137,12 @@ class ResBlock(nn.Module):
         )(pre)
         y = nn.relu(bn("bn_branch2b1")(y))
         y = conv(
-            self.out_channels, 3, dilation=self.dilation, dtype=self.dtype, name="conv_branch2b1"
+            self.out_channels,
+            3,
+            dilation=self.dilation,
+            dtype=self.dtype,
+            zero_init=self.zero_init_residual,
+            name="conv_branch2b1",
         )(y)
         return shortcut + y, pre
 
@@ -143,6 +158,7 @@ class BottleneckBlock(nn.Module):
     dropout: float = 0.0
     dtype: Any = jnp.float32
     batch_norm_stats: bool = False
+    zero_init_residual: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
@@ -164,7 +180,13 @@ class BottleneckBlock(nn.Module):
         )(y)
         y = nn.relu(bn("bn_branch2b2")(y))
         y = channel_dropout(y)
-        y = conv(self.out_channels, 1, dtype=self.dtype, name="conv_branch2b2")(y)
+        y = conv(
+            self.out_channels,
+            1,
+            dtype=self.dtype,
+            zero_init=self.zero_init_residual,
+            name="conv_branch2b2",
+        )(y)
         return shortcut + y, pre
 
 
@@ -179,6 +201,7 @@ class WideResNet38(nn.Module):
     dtype: Any = jnp.float32
     remat: bool = False
     batch_norm_stats: bool = False
+    zero_init_residual: bool = False
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -201,10 +224,19 @@ class WideResNet38(nn.Module):
                     dil,
                     self.dtype,
                     self.batch_norm_stats,
+                    self.zero_init_residual,
                     name=name,
                 )
             else:
-                block = bottleneck(ch(out), dil, drop, self.dtype, self.batch_norm_stats, name=name)
+                block = bottleneck(
+                    ch(out),
+                    dil,
+                    drop,
+                    self.dtype,
+                    self.batch_norm_stats,
+                    self.zero_init_residual,
+                    name=name,
+                )
             x, _ = block(x, train)
             if name == CONV3_BLOCK:
                 features["conv3"] = x

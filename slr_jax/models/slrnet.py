@@ -62,6 +62,8 @@ class SLRNet(nn.Module):
       train_backbone_norm: False (the reference) keeps the backbone BatchNorms on their running
         statistics; True normalises them with batch statistics in training (for training from
         random weights; the optimiser then trains their affine parameters too).
+      zero_init_residual: start the last convolution of every backbone residual branch at zero
+        (training from random weights; irrelevant when weights are loaded).
     """
 
     variant: str = "wsss"
@@ -74,6 +76,7 @@ class SLRNet(nn.Module):
     remat: bool = False
     use_low_rank: bool = True
     train_backbone_norm: bool = False
+    zero_init_residual: bool = False
 
     def setup(self):
         if self.variant not in VARIANTS:
@@ -85,7 +88,11 @@ class SLRNet(nn.Module):
         ch = lambda c: scale_channels(c, self.width)
         head_out = self.num_classes if self.predicts_background else self.num_classes - 1
         self.backbone = WideResNet38(
-            self.width, self.dtype, self.remat, batch_norm_stats=self.train_backbone_norm
+            self.width,
+            self.dtype,
+            self.remat,
+            batch_norm_stats=self.train_backbone_norm,
+            zero_init_residual=self.zero_init_residual,
         )
         self.aspp = ASPP(self.width, self.dtype)
         self.fc8_skip = ConvBNReLU(ch(48), dtype=self.dtype)
@@ -234,6 +241,7 @@ def build_model(model_cfg) -> SLRNet:
         remat=bool(model_cfg.get("remat", False)),
         use_low_rank=bool(model_cfg.get("use_low_rank", True)),
         train_backbone_norm=bool(model_cfg.get("train_backbone_norm", False)),
+        zero_init_residual=bool(model_cfg.get("zero_init_residual", False)),
     )
 
 
