@@ -1064,14 +1064,16 @@ def run_inference(
         finish_started = time.perf_counter()
         fields, outputs = entry["fields"], entry["outputs"]
         name, image_uint8, gt = fields["name"], fields["image_uint8"], fields["mask"]
+        # The overlay shows the CRF labels when there are some, else the predictions.
+        overlay_of = lambda outputs: overlay_image(
+            image_uint8, outputs.get("crf", outputs["pred"]), gt
+        )
         if outputs is None:
             device = _device_name(entry["pending"].device)
             outputs, probs = _finish_example(
                 entry["pending"], image_uint8, entry["image_labels"], settings, filter_classes
             )
-            overlay = None
-            if save_overlays:
-                overlay = overlay_image(image_uint8, outputs.get("crf", outputs["pred"]), gt)
+            overlay = overlay_of(outputs) if save_overlays else None
             export_pseudo_labels(
                 out_dir,
                 name,
@@ -1091,8 +1093,7 @@ def run_inference(
             status = "done before, skipped"
             overlay_path = output_paths(out_dir, name)["overlay"]
             if save_overlays and not overlay_path.exists():
-                labels = outputs.get("crf", outputs["pred"])
-                save_overlay_png(overlay_path, overlay_image(image_uint8, labels, gt))
+                save_overlay_png(overlay_path, overlay_of(outputs))
         if gt is not None and (np.asarray(gt) != IGNORE_LABEL).any():
             for kind, labels in outputs.items():
                 accumulators[kind].update(labels, np.asarray(gt))
