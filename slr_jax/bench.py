@@ -357,7 +357,6 @@ class JaxSide:
         self.init_s = time.perf_counter() - t0
         self.batch = train.shard_batch(inputs, self.mesh)
         self.compiled = None
-        self.flops: float | None = None  # of the global step, see ``count_train_step_flops``
         self.timings: dict[str, float] = {}
         self.metrics: dict[str, float] = {}
 
@@ -371,11 +370,12 @@ class JaxSide:
         t2 = time.perf_counter()
         self.timings.update(lower_s=t1 - t0, xla_compile_s=t2 - t1)
 
-    def count_flops(self) -> None:
-        """Counts the global step's FLOPs (timed apart: ``flop_count_s``)."""
+    def count_flops(self) -> float | None:
+        """FLOPs of the global step (``count_train_step_flops``; timed as ``flop_count_s``)."""
         t0 = time.perf_counter()
-        self.flops = count_train_step_flops(self.config, self.plan, self.state, self.batch)
+        flops = count_train_step_flops(self.config, self.plan, self.state, self.batch)
         self.timings["flop_count_s"] = time.perf_counter() - t0
+        return flops
 
     def step(self) -> None:
         if self.compiled is None:
@@ -789,8 +789,7 @@ def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> dict:
         median(times, "slr_jax") / median(times, "reference") if with_ref and times else None
     )
     step_s = median(train_times, "slr_jax")
-    ours.count_flops()  # after the timed calls: host work only, never inside a measurement
-    flops = ours.flops
+    flops = ours.count_flops()  # after the timed calls: host work, never inside a measurement
     peak = peak_bf16_tflops(device.device_kind)
     # Per chip: the lowered program is the global step, spread over every device.
     achieved = flops / step_s / 1e12 / jax.device_count() if flops else None
