@@ -72,6 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset.num_val = 0
     config.dataset.image_size = 0
     config.dataset.synthetic_seed = 0
+    config.dataset.synthetic_clutter_texture_prob = 0.5  # share of clutter in class textures
 
     # ------------------------------------------------------------------ train
     config.train = ml_collections.ConfigDict()
@@ -91,6 +92,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.eval_every_epochs = 0  # 0: evaluate only at the end
     config.train.eval_limit = 0  # evaluate on the first N val images (0: all)
     config.train.max_nonfinite_steps = 0  # non-finite losses tolerated before stopping
+
+    # --------------------------------------------------------------- pretrain
+    # Backbone classification pretraining on the training split's image labels, for data with
+    # no ImageNet backbone (slr_jax/pretrain.py); runs when steps > 0 and train.init_checkpoint
+    # is empty. Not in the reference, which always starts from ImageNet weights.
+    config.pretrain = ml_collections.ConfigDict()
+    config.pretrain.steps = 0
+    config.pretrain.lr = 1e-2
+    config.pretrain.weight_decay = 5e-4
+    config.pretrain.momentum = 0.9
 
     # ------------------------------------------------------------- checkpoint
     config.checkpoint = ml_collections.ConfigDict()

@@ -71,6 +71,7 @@ def validate_config(config: Any) -> None:
     """Rejects keys that ``configs/common.py`` does not define and impossible values, with
     messages naming the key, before anything heavy starts."""
     from configs import common
+    from slr_jax import pretrain
     from slr_jax.models.slrnet import VARIANTS
 
     known = _flatten_keys(common.get_config())
@@ -99,6 +100,10 @@ def validate_config(config: Any) -> None:
         )
     if config.checkpoint.every_steps < 1:
         problems.append("checkpoint.every_steps must be >= 1")
+    try:
+        pretrain.check_settings(config)
+    except pretrain.PretrainError as error:
+        problems.append(str(error))
     if len(config.loss.loss_coeff) != 4:
         problems.append("loss.loss_coeff needs 4 values (cls, mask, code, seg)")
     weights = config.loss.class_weights
@@ -214,6 +219,7 @@ def main(argv: list[str]) -> None:
     from slr_jax.checkpoint import CheckpointError
     from slr_jax.data import DataError
     from slr_jax.infer import InferenceError
+    from slr_jax.pretrain import PretrainError
     from slr_jax.train import TrainingError, train_and_evaluate
 
     config = _CONFIG.value
@@ -228,13 +234,21 @@ def main(argv: list[str]) -> None:
             result = train_and_evaluate(config, _WORKDIR.value)
             if result["eval"]:
                 ev = result["eval"]
+                crf = f", after the dense CRF {ev['crf_miou']:.4f}" if "crf_miou" in ev else ""
                 print(
-                    f"final step {result['step']}: val mIoU {ev['miou']:.4f}, pseudo-label mIoU "
-                    f"{ev['pseudo_label_miou']:.4f} ({_WORKDIR.value}/results.json)"
+                    f"final step {result['step']}: val mIoU {ev['miou']:.4f}{crf}, pseudo-label "
+                    f"mIoU {ev['pseudo_label_miou']:.4f} ({_WORKDIR.value}/results.json)"
                 )
         else:
             run_evaluate_or_infer(config, _MODE.value)
-    except (ConfigError, CheckpointError, DataError, InferenceError, TrainingError) as error:
+    except (
+        ConfigError,
+        CheckpointError,
+        DataError,
+        InferenceError,
+        PretrainError,
+        TrainingError,
+    ) as error:
         sys.exit(f"error: {error}")
 
 

@@ -38,12 +38,14 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from slr_jax import checkpoint as checkpoint_lib
-from slr_jax import optim
+from slr_jax import optim, pretrain
 from slr_jax.losses import slrnet_objective
 from slr_jax.models import build_model, init_variables
 
 Batch = Mapping[str, Any]
 BATCH_KEYS = ("image", "raw_image", "labels", "mask", "is_labeled")
+# Checkpoint sources that hold only the backbone (the rest of the model starts at random).
+BACKBONE_SOURCES = ("imagenet_backbone", pretrain.SOURCE)
 
 
 class TrainingError(RuntimeError):
@@ -126,11 +128,12 @@ def shard_batch(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
 def load_initial_weights(variables: dict, path: str) -> dict:
     """Replaces leaves of ``variables`` by a converted checkpoint (``python -m slr_jax.convert``).
 
-    An ImageNet backbone file (metadata ``source`` = ``imagenet_backbone``) supplies only the
-    ``backbone`` subtrees; a full checkpoint supplies everything. Shapes are checked.
+    A backbone file (metadata ``source`` ``imagenet_backbone`` from ``slr_jax.convert``, or
+    ``image_label_backbone`` from ``slr_jax.pretrain``) supplies only the ``backbone``
+    subtrees; a full checkpoint supplies everything. Shapes are checked.
     """
     loaded, metadata = checkpoint_lib.load_variables(path)
-    backbone_only = metadata.get("source") == "imagenet_backbone"
+    backbone_only = metadata.get("source") in BACKBONE_SOURCES
     out = jax.tree_util.tree_map(lambda x: x, variables)
     for collection in ("params", "batch_stats"):
         if collection not in variables:
@@ -148,13 +151,21 @@ def load_initial_weights(variables: dict, path: str) -> dict:
 
 
 def create_train_state(
-    config: Any, model: flax.linen.Module, plan: StepPlan, rng: jax.Array
+    config: Any,
+    model: flax.linen.Module,
+    plan: StepPlan,
+    rng: jax.Array,
+    *,
+    init_checkpoint: str | None = None,
 ) -> TrainState:
-    """Initial state: random init (or ``train.init_checkpoint``), optimiser, step 0."""
+    """Initial state: random init (or the weights of ``init_checkpoint``, by default
+    ``train.init_checkpoint``), optimiser, step 0."""
     init_rng, train_rng = jax.random.split(rng)
     variables = init_variables(model, init_rng)
-    if config.train.init_checkpoint:
-        variables = load_initial_weights(variables, config.train.init_checkpoint)
+    if init_checkpoint is None:
+        init_checkpoint = config.train.init_checkpoint
+    if init_checkpoint:
+        variables = load_initial_weights(variables, init_checkpoint)
     schedule = optim.learning_rate_schedule(
         float(config.train.lr), plan.pretrain_steps, plan.total_steps, plan.decay_steps
     )
@@ -488,7 +499,13 @@ def train_and_evaluate(
     logging.info("plan: %s on %d devices", plan, mesh.devices.size)
 
     model = build_model(config.model)
-    state = create_train_state(config, model, plan, jax.random.key(int(config.seed)))
+    init_checkpoint = str(config.train.init_checkpoint)
+    pretrain_cfg = config.get("pretrain")
+    if not init_checkpoint and pretrain_cfg is not None and int(pretrain_cfg.steps) > 0:
+        init_checkpoint = pretrain.pretrain_backbone(config, workdir, mesh)
+    state = create_train_state(
+        config, model, plan, jax.random.key(int(config.seed)), init_checkpoint=init_checkpoint
+    )
     checkpoints = Checkpoints(workdir, config)
     restored = checkpoints.restore_latest(state, mesh)
     extra: dict[str, Any] = {}
@@ -687,6 +704,7 @@ def _evaluate_and_keep_best(config, state, checkpoints, workdir, step, writer) -
     }
     if "crf" in summary.get("scores", {}):
         result["crf_miou"] = float(summary["scores"]["crf"]["miou"])
+        result["crf_per_class_iou"] = per_class(summary["scores"]["crf"]["iou"])
     if jax.process_index() == 0:
         text = json.dumps(result, indent=2)
         (epath.Path(out_dir) / "results.json").write_text(text)

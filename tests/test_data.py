@@ -166,6 +166,28 @@ def test_synthetic_classes_differ_by_shape_and_texture_not_colour():
     assert scores["nearest_colour"]["miou"] < scores["all_background"]["miou"]
 
 
+def test_clutter_texture_share_changes_only_the_clutter():
+    """clutter_texture_prob: the same layout, objects and masks; only unlabelled pixels change,
+    and with 0 no background pixel carries a class texture (fewer background edges)."""
+    textured = make_synthetic_examples(6, 48, NUM_CLASSES, seed=0, clutter_texture_prob=1.0)
+    plain = make_synthetic_examples(6, 48, NUM_CLASSES, seed=0, clutter_texture_prob=0.0)
+    default = make_synthetic_examples(6, 48, NUM_CLASSES, seed=0)
+    edges = {"textured": 0.0, "plain": 0.0}
+    for a, b, c in zip(textured, plain, default):
+        np.testing.assert_array_equal(a["mask"], b["mask"])
+        np.testing.assert_array_equal(a["mask"], c["mask"])
+        differs = np.any(a["image"] != b["image"], axis=-1)
+        assert differs.any() and not np.any(differs & (a["mask"] > 0) & (a["mask"] != 255))
+        background = a["mask"] == 0
+        for name, example in (("textured", a), ("plain", b)):
+            grey = example["image"].astype(np.float32).mean(-1)
+            step = np.abs(np.diff(grey, axis=1))[background[:, 1:] & background[:, :-1]]
+            edges[name] += float(np.mean(step > 20))
+    assert edges["plain"] < 0.6 * edges["textured"], edges
+    with pytest.raises(ValueError, match="clutter_texture_prob must lie in"):
+        make_synthetic_examples(1, 32, 3, seed=0, clutter_texture_prob=1.5)
+
+
 def test_write_synthetic_voc_rewrites_folders_of_other_generator_versions(tmp_path):
     args = dict(num_train=2, num_val=1, size=24, num_classes=3, seed=0)
     root = write_synthetic_voc(tmp_path / "shapes", **args)

@@ -41,6 +41,7 @@ def tiny_config(tmp: Path):
     config.model.train_backbone_norm = False
     config.model.zero_init_residual = False
     config.train.freeze_stem = True
+    config.pretrain.steps = 0  # tests/test_pretrain.py covers the backbone pretraining
     config.loss.pamr_dilations = (1, 2)
     config.dataset.manual_dir = str(tmp / "synthetic")
     config.dataset.num_train = 8
@@ -56,6 +57,7 @@ def tiny_config(tmp: Path):
     config.checkpoint.keep = 2
     config.test.scales = (1.0,)
     config.test.flip = False
+    config.test.use_crf = True  # results.json then also holds the CRF scores
     return config
 
 
@@ -125,6 +127,7 @@ def test_run_trains_logs_checkpoints_and_evaluates(full_run):
     assert 0.0 <= results["pseudo_label_miou"] <= 1.0
     assert results["miou"] == result["eval"]["miou"]
     assert len(results["per_class_iou"]) == 21 and "aeroplane" in results["per_class_iou"]
+    assert 0.0 <= results["crf_miou"] <= 1.0 and len(results["crf_per_class_iou"]) == 21
     lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [2, 4, 6, 8]
     assert all(x["loss"] == x["total"] for x in lines)

@@ -52,7 +52,12 @@ from typing import Any
 import numpy as np
 
 from slr_jax.data import transforms, voc
-from slr_jax.data.synthetic import INFO_FILE, LEGACY_INFO_FILES, write_synthetic_voc
+from slr_jax.data.synthetic import (
+    CLUTTER_TEXTURE_PROB,
+    INFO_FILE,
+    LEGACY_INFO_FILES,
+    write_synthetic_voc,
+)
 from slr_jax.data.voc import DataError, VocExample
 
 Batch = dict[str, np.ndarray]
@@ -111,6 +116,9 @@ def _synthetic_root(cfg: Any) -> Path:
         size=_setting(dataset, "image_size", 64),
         num_classes=int(cfg.model.num_classes),
         seed=int(_setting(dataset, "synthetic_seed", 0)),
+        clutter_texture_prob=float(
+            _setting(dataset, "synthetic_clutter_texture_prob", CLUTTER_TEXTURE_PROB)
+        ),
     )
     if isinstance(kwargs["size"], Sequence):
         kwargs["size"] = [int(s) for s in kwargs["size"]]

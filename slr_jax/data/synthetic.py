@@ -16,8 +16,9 @@ the demo, the tests and real data.
 Floors for a trained model (``trivial_baseline_scores``) at the demo's settings (configs/demo.py:
 256 train / 32 val images of 64 px, 6 classes incl. background, seed 0), val mIoU:
 all background 0.1440 (background is 86.4% of the labelled val pixels); nearest mean class
-colour 0.0848 on the arrays generated here, 0.0854 on the JPEGs ``write_synthetic_voc`` writes
-(what the demo's folder pipeline reads). The class mean colours are nearly equal, so colour is
+colour 0.0848 on the arrays generated here, 0.0854 on the JPEGs ``write_synthetic_voc`` writes;
+with the demo's plain clutter (``clutter_texture_prob=0``) 0.0879 and 0.0885 (the JPEGs are what
+the demo's folder pipeline reads). The class mean colours are nearly equal, so colour is
 worth less than predicting background everywhere; a model has to use shape and texture.
 docs/data.md has the details and the commands.
 """
@@ -72,6 +73,8 @@ TEXTURES = _BASE_TEXTURES + tuple(
     ("stripes", angle, period) for period in (3, 5, 7) for angle in range(0, 180, 15)
 )
 MAX_CLASSES = 255  # uint8 masks; every signature below is unique up to here
+# Default share of clutter items drawn in a class texture (the rest are plain).
+CLUTTER_TEXTURE_PROB = 0.5
 
 
 def texture_name(texture: tuple[str, int, int]) -> str:
@@ -239,13 +242,19 @@ def make_synthetic_example(
     *,
     max_shapes: int = 3,
     ignore_boundary: bool = True,
+    clutter_texture_prob: float = CLUTTER_TEXTURE_PROB,
 ) -> dict:
     """One example: {'name': str, 'image': (H, W, 3) uint8, 'mask': (H, W) uint8}.
 
     Depends only on (index, size, num_classes, seed), so examples do not change when more are
     requested. Mask values: 0 background (clutter included), 1..num_classes-1 objects, 255 on
     object outlines. Object class c is drawn as ``class_signature(c)`` in a random colour.
+    ``clutter_texture_prob`` is the chance that a clutter item carries one of the classes'
+    textures (else it is plain); the random draws do not depend on it, so two values give the
+    same layout, colours and objects and differ only in the clutter's texture.
     """
+    if not 0.0 <= clutter_texture_prob <= 1.0:
+        raise ValueError(f"clutter_texture_prob must lie in [0, 1], got {clutter_texture_prob}.")
     height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     rng = np.random.default_rng([seed, index])
     grid = tuple(g.astype(np.float32) for g in np.mgrid[0:height, 0:width])
@@ -256,12 +265,12 @@ def make_synthetic_example(
     ramp_angle = rng.uniform(0.0, 2.0 * np.pi)
     ramp = (rows * np.sin(ramp_angle) + cols * np.cos(ramp_angle)) / max(height, width)
     image = (background + (rng.uniform(0.0, 0.25) * ramp)[..., None]).astype(np.float32)
-    # Clutter: 1-2 + Poisson(H * W / 700) items (7.4 on average at 64 px), half of them in the
-    # textures of the classes.
+    # Clutter: 1-2 + Poisson(H * W / 700) items (7.4 on average at 64 px), a fraction
+    # clutter_texture_prob of them (half by default) in the textures of the classes.
     class_textures = sorted({_signature_indices(c)[1] for c in range(1, num_classes)})
     for _ in range(int(rng.integers(1, 3)) + int(rng.poisson(height * width / 700.0))):
         region = _clutter_region(rng, grid, height, width)
-        textured = rng.uniform() < 0.5
+        textured = rng.uniform() < clutter_texture_prob
         texture = TEXTURES[class_textures[int(rng.integers(len(class_textures)))]]
         _paint(image, region, texture if textured else ("plain", 0, 0), rng, grid)
 
@@ -289,7 +298,12 @@ def make_synthetic_example(
 
 
 def make_synthetic_examples(
-    num_examples: int, size: int | Sequence[int], num_classes: int, seed: int
+    num_examples: int,
+    size: int | Sequence[int],
+    num_classes: int,
+    seed: int,
+    *,
+    clutter_texture_prob: float = CLUTTER_TEXTURE_PROB,
 ) -> list[dict]:
     """``num_examples`` examples of ``make_synthetic_example`` (deterministic in ``seed``).
 
@@ -304,7 +318,12 @@ def make_synthetic_examples(
     sizes = (size,) if isinstance(size, int) else tuple(size)
     if len(sizes) not in (1, 2) or min(sizes) < 8:
         raise ValueError(f"size must be an int or (height, width), each >= 8; got {size!r}.")
-    return [make_synthetic_example(i, size, num_classes, seed) for i in range(num_examples)]
+    return [
+        make_synthetic_example(
+            i, size, num_classes, seed, clutter_texture_prob=clutter_texture_prob
+        )
+        for i in range(num_examples)
+    ]
 
 
 def write_synthetic_voc(
@@ -315,6 +334,7 @@ def write_synthetic_voc(
     size: int | Sequence[int],
     num_classes: int,
     seed: int,
+    clutter_texture_prob: float = CLUTTER_TEXTURE_PROB,
 ) -> Path:
     """Writes the synthetic dataset as a VOC 2012 folder and returns ``root``.
 
@@ -332,6 +352,7 @@ def write_synthetic_voc(
         "size": size if isinstance(size, int) else list(size),
         "num_classes": num_classes,
         "seed": seed,
+        "clutter_texture_prob": clutter_texture_prob,
     }
     info_path = root / INFO_FILE
     if info_path.is_file():
@@ -342,9 +363,10 @@ def write_synthetic_voc(
             pass  # A half-written folder: write it again.
     for stale in (INFO_FILE, *LEGACY_INFO_FILES):  # an interrupted rewrite must not pass as done
         (root / stale).unlink(missing_ok=True)
+    texture = {"clutter_texture_prob": clutter_texture_prob}
     splits = {
-        "train": make_synthetic_examples(num_train, size, num_classes, seed),
-        "val": make_synthetic_examples(num_val, size, num_classes, seed + 1),
+        "train": make_synthetic_examples(num_train, size, num_classes, seed, **texture),
+        "val": make_synthetic_examples(num_val, size, num_classes, seed + 1, **texture),
     }
     for folder in ("JPEGImages", "SegmentationClass", "SegmentationClassAug"):
         (root / folder).mkdir(parents=True, exist_ok=True)

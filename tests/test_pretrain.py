@@ -1,0 +1,162 @@
+"""Backbone pretraining on image labels (slr_jax/pretrain.py): it learns, its checkpoint drops
+into the segmentation model as a backbone-only start, a restarted run reuses it, bad settings
+are refused, and train_and_evaluate runs it when asked."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from configs import demo  # noqa: E402
+from slr_jax import pretrain, train  # noqa: E402
+from slr_jax.checkpoint import load_variables  # noqa: E402
+from slr_jax.data.synthetic import make_synthetic_examples  # noqa: E402
+from slr_jax.models import build_model, init_variables  # noqa: E402
+
+STEPS = 24
+
+
+def small_config(tmp: Path):
+    config = demo.get_config()
+    config.model.width = 0.0625
+    config.dataset.manual_dir = str(tmp / "synthetic")
+    config.dataset.crop_size = 32
+    config.train.batch_size = 4
+    config.train.log_every_steps = 4
+    config.pretrain.steps = STEPS
+    config.pretrain.lr = 0.02
+    return config
+
+
+def fixed_batches(num_classes: int = 6):
+    """The same 4 synthetic images (32 px) and their image labels, forever."""
+    examples = make_synthetic_examples(4, 32, num_classes, seed=3)
+    images = np.stack([e["image"] for e in examples]).astype(np.float32) / 127.5 - 1.0
+    labels = np.zeros((4, num_classes - 1), np.float32)
+    for i, e in enumerate(examples):
+        present = [c for c in np.unique(e["mask"]) if 0 < c < num_classes]
+        labels[i, np.asarray(present, int) - 1] = 1.0
+    return itertools.repeat({"image": images, "labels": labels})
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pretrain")
+    config = small_config(tmp)
+    path = pretrain.pretrain_backbone(
+        config, str(tmp / "workdir"), train.make_mesh(), batches=fixed_batches()
+    )
+    return config, tmp / "workdir", Path(path)
+
+
+def test_the_classifier_fits_the_image_labels(pretrained):
+    _, workdir, _ = pretrained
+    text = (workdir / pretrain.METRICS_FILE).read_text()
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert [line["step"] for line in lines] == list(range(4, STEPS + 1, 4))
+    losses = [line["loss"] for line in lines]
+    assert np.all(np.isfinite(losses))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_the_checkpoint_is_a_backbone_only_start(pretrained, tmp_path):
+    config, _, path = pretrained
+    saved, metadata = load_variables(path)
+    assert metadata["source"] == pretrain.SOURCE
+    assert metadata["pretrain"]["steps"] == STEPS
+    assert set(saved["params"]) == {"backbone"} and set(saved["batch_stats"]) == {"backbone"}
+    model = build_model(config.model)
+    start = init_variables(model, jax.random.key(0))
+    merged = train.load_initial_weights(start, str(path))
+    for collection in ("params", "batch_stats"):
+        same = jax.tree_util.tree_map(
+            np.array_equal, merged[collection]["backbone"], saved[collection]["backbone"]
+        )
+        assert all(jax.tree_util.tree_leaves(same))
+        heads = {k: v for k, v in merged[collection].items() if k != "backbone"}
+        start_heads = {k: v for k, v in start[collection].items() if k != "backbone"}
+        same = jax.tree_util.tree_map(np.array_equal, heads, start_heads)
+        assert all(jax.tree_util.tree_leaves(same))
+    # Trained running statistics: not the initial mean 0 / variance 1 any more.
+    means = [
+        v for p, v in jax.tree_util.tree_leaves_with_path(saved["batch_stats"]) if "mean" in str(p)
+    ]
+    assert means and max(float(np.abs(m).max()) for m in means) > 1e-3
+
+
+def test_a_restart_reuses_the_checkpoint_and_new_settings_retrain(pretrained, tmp_path):
+    config, workdir, path = pretrained
+
+    def unused():
+        raise AssertionError("pretraining ran again")
+        yield  # pragma: no cover
+
+    again = pretrain.pretrain_backbone(config, str(workdir), train.make_mesh(), batches=unused())
+    assert Path(again) == path
+    changed = small_config(tmp_path)
+    changed.pretrain.steps = 2
+    with pytest.raises(AssertionError, match="ran again"):
+        pretrain.pretrain_backbone(changed, str(workdir), train.make_mesh(), batches=unused())
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (("pretrain", "lr", 0.0), "lr > 0"),
+        (("pretrain", "momentum", 1.0), "momentum must be in"),
+        (("model", "variant", "semi_wo_cls"), "needs image labels"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_work(override, message, tmp_path):
+    config = small_config(tmp_path)
+    section, key, value = override
+    config[section][key] = value
+    with pytest.raises(pretrain.PretrainError, match=message):
+        pretrain.pretrain_backbone(config, str(tmp_path), train.make_mesh(), batches=iter(()))
+
+
+def test_train_and_evaluate_starts_from_the_pretrained_backbone(tmp_path, monkeypatch):
+    """With pretrain.steps > 0 and no init_checkpoint, the SLRNet state is built from the
+    pretraining checkpoint; with an init_checkpoint, pretraining is skipped."""
+    calls = []
+
+    def fake_pretrain(config, workdir, mesh, **_):
+        calls.append(workdir)
+        return "/pretrained/here"
+
+    class Stop(Exception):
+        pass
+
+    def capture(config, model, plan, rng, *, init_checkpoint=None):
+        raise Stop(init_checkpoint)
+
+    monkeypatch.setattr(pretrain, "pretrain_backbone", fake_pretrain)
+    monkeypatch.setattr(train, "create_train_state", capture)
+    config = small_config(tmp_path)
+    config.dataset.num_train, config.dataset.num_val, config.dataset.image_size = 8, 2, 32
+    with pytest.raises(Stop, match="/pretrained/here"):
+        train.train_and_evaluate(config, str(tmp_path / "a"))
+    assert calls == [str(tmp_path / "a")]
+    config.train.init_checkpoint = "/imagenet/backbone"
+    with pytest.raises(Stop, match="/imagenet/backbone"):
+        train.train_and_evaluate(config, str(tmp_path / "b"))
+    assert len(calls) == 1
+
+
+def test_a_non_finite_loss_stops_pretraining_with_a_clear_error(tmp_path):
+    config = small_config(tmp_path)
+    config.pretrain.steps = 4
+    batch = next(fixed_batches())
+    poisoned = itertools.repeat({**batch, "labels": np.full_like(batch["labels"], np.nan)})
+    with pytest.raises(pretrain.PretrainError, match="non-finite loss by step 4"):
+        pretrain.pretrain_backbone(config, str(tmp_path / "w"), train.make_mesh(), batches=poisoned)
+    assert not (tmp_path / "w" / pretrain.CHECKPOINT_DIR).exists()
