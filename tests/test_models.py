@@ -487,6 +487,24 @@ def test_factorization_rejects_zero_iterations():
         FactorizationReconstruction(0).init(jax.random.key(0), x, jnp.zeros((1, 3, 8)))
 
 
+def test_factorization_projections_start_like_torch_linear():
+    """transform1/transform2 start as the reference's nn.Linear(D, D) does (PyTorch default):
+    kernel and bias uniform in +-1/sqrt(D); same spread as torch's own initialisation."""
+    d = 128
+    variables = FactorizationReconstruction(1).init(
+        jax.random.key(0), jnp.zeros((1, 4, d)), jnp.zeros((1, 3, d))
+    )
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(d, d)
+    bound = 1.0 / np.sqrt(d)
+    for name in ("transform1", "transform2"):
+        kernel = np.asarray(variables["params"][name]["kernel"])
+        bias = np.asarray(variables["params"][name]["bias"])
+        assert np.abs(kernel).max() <= bound and np.abs(bias).max() <= bound
+        assert np.std(kernel) == pytest.approx(reference.weight.detach().numpy().std(), rel=0.05)
+        assert np.std(bias) == pytest.approx(bound / np.sqrt(3.0), rel=0.3)
+
+
 # ------------------------------------------------------------------ gate, scores, background
 def test_stochastic_gate_eval_formula():
     deep, shallow = _nhwc((2, 5, 4, 6), 1), _nhwc((2, 5, 4, 6), 2)

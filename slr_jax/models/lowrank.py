@@ -48,6 +48,21 @@ def initial_dictionary(features: jax.Array, class_logits: jax.Array) -> jax.Arra
     return jax.lax.stop_gradient(atoms)
 
 
+def torch_linear_init(fan_in: int) -> dict[str, Any]:
+    """``kernel_init``/``bias_init`` of PyTorch's ``nn.Linear`` default, which the reference
+    keeps for ``transform1``/``transform2``: both uniform in +-1/sqrt(fan_in) (Flax's default is
+    a LeCun-normal kernel, sqrt(3) times wider, and a zero bias)."""
+    bound = 1.0 / float(fan_in) ** 0.5
+
+    def bias_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return {
+        "kernel_init": nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
+        "bias_init": bias_init,
+    }
+
+
 class FactorizationReconstruction(nn.Module):
     """``x`` (B, N, D) and initial dictionary (B, K, D) -> (reconstruction (B, N, D),
     codes (B, K, N) float32, dictionary (B, K, D) float32)."""
@@ -63,8 +78,8 @@ class FactorizationReconstruction(nn.Module):
         if self.num_iters < 1:
             raise ValueError(f"num_iters must be >= 1, got {self.num_iters}")
         d = x.shape[-1]
-        transform1 = nn.Dense(d, dtype=self.dtype, name="transform1")
-        transform2 = nn.Dense(d, dtype=self.dtype, name="transform2")
+        transform1 = nn.Dense(d, dtype=self.dtype, name="transform1", **torch_linear_init(d))
+        transform2 = nn.Dense(d, dtype=self.dtype, name="transform2", **torch_linear_init(d))
         # The projections run in ``dtype``; codes, softmax and normalisations in float32 (in
         # bfloat16 the ~1/K codes would be quantised to a few levels and their argmax tie).
         projected = transform1(x).astype(jnp.float32)
