@@ -193,7 +193,7 @@ def pretrain_backbone(
         batches = data_lib.train_dataset(config)
     try:
         params, batch_stats, lines = _train_loop(
-            config, step_fn, (params, batch_stats, opt_state), batches, data, step_key
+            config, step_fn, (params, batch_stats, opt_state), batches, mesh, step_key
         )
     finally:
         if own_batches and hasattr(batches, "close"):
@@ -212,27 +212,20 @@ def pretrain_backbone(
     return os.fspath(out_dir)
 
 
-def _train_loop(config, step_fn, state, batches, data, step_key):
+def _train_loop(config, step_fn, state, batches, mesh, step_key):
     """Runs the pretraining steps -> (params, batch_stats, logged lines)."""
+    from slr_jax.train import shard_batch  # train imports this module
+
     params, batch_stats, opt_state = state
     cfg = config.pretrain
-
-    def global_array(local: np.ndarray) -> jax.Array:
-        shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
-        return jax.make_array_from_process_local_data(data, local, shape)
 
     total, log_every = int(cfg.steps), max(int(config.train.log_every_steps), 1)
     lines, pending, tick = [], [], time.perf_counter()
     for step in range(1, total + 1):
-        batch = next(batches)
+        batch = shard_batch(next(batches), mesh, keys=("image", "labels"))
         key = jax.random.fold_in(step_key, step)
         params, batch_stats, opt_state, loss = step_fn(
-            params,
-            batch_stats,
-            opt_state,
-            global_array(np.asarray(batch["image"], np.float32)),
-            global_array(np.asarray(batch["labels"], np.float32)),
-            key,
+            params, batch_stats, opt_state, batch["image"], batch["labels"], key
         )
         pending.append(loss)
         if step % log_every == 0 or step == total:

@@ -113,12 +113,15 @@ def check_batch_size(global_batch: int, mesh: Mesh) -> None:
         )
 
 
-def shard_batch(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's share of the batch (NumPy) -> global arrays sharded on axis ``data``."""
+def shard_batch(
+    batch: Batch, mesh: Mesh, keys: tuple[str, ...] = BATCH_KEYS
+) -> dict[str, jax.Array]:
+    """This process's share of the batch (NumPy) -> global arrays sharded on axis ``data``
+    (the entries ``keys``)."""
     sharding = NamedSharding(mesh, PartitionSpec("data"))
     return {
         key: jax.make_array_from_process_local_data(sharding, np.asarray(batch[key]))
-        for key in BATCH_KEYS
+        for key in keys
     }
 
 
