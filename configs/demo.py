@@ -9,7 +9,10 @@ backbone is first trained as a multi-label classifier on the same image labels (
 1.5 min), then SLRNet trains from it with the reference's WSSS recipe of configs/voc.py: the
 stem and every backbone BatchNorm frozen, the same losses, pseudo labels, optimiser groups and
 schedule; fewer epochs, a larger base learning rate (5e-3; the reference's 5e-4 is for 30 epochs
-of 10582 images) and the PAMR dilations scaled to the small masks. Training ends with an
+of 10582 images), the PAMR dilations scaled to the small masks and a second view at 3/4 instead
+of 1/2 of the crop (``model.scale_factor``: half of 64 px leaves that view a 4x4 grid of deep
+features, whose blurred masks the consistency term then imposes on the first view; the
+reference's half of a 321 px crop keeps 20x20). Training ends with an
 evaluation of the synthetic validation split: the network's predictions at the training scale
 (it only ever sees 64 px images) with flip and without background re-weighting, without and
 with the dense CRF (``crf_miou``), and the training pseudo labels. docs/results.md has the
@@ -25,6 +28,7 @@ def get_config():
     config = common.get_config()
     config.model.num_classes = 6
     config.model.width = 0.125
+    config.model.scale_factor = 0.75  # second view 48 px (the reference: 0.5 of 321 px)
     config.pretrain.steps = 800
     config.pretrain.lr = 0.025
     config.loss.pamr_dilations = (1, 2, 4)

@@ -46,3 +46,22 @@ def reference_file(reference_repo):
         return path
 
     return find
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_files_under_pytest(tmp_path_factory):
+    """Sends ``tempfile`` (ours, TensorFlow Datasets', and subprocesses' via ``TMPDIR``) to a
+    folder of pytest's own temporary tree, which pytest prunes: tfds leaves an empty
+    ``/tmp/tmp*tfds`` folder behind for every builder it opens before the data is prepared."""
+    import tempfile
+
+    folder = str(tmp_path_factory.mktemp("tempfile"))
+    previous_dir, previous_env = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir = folder
+    os.environ["TMPDIR"] = folder
+    yield
+    tempfile.tempdir = previous_dir
+    if previous_env is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = previous_env
