@@ -520,6 +520,21 @@ def test_semi_labelled_ids_must_belong_to_the_training_list(voc_root):
         voc.semi_supervised_examples(examples, [], 0)
 
 
+def test_pipelines_are_deterministic_without_the_autotune_model(voc_root):
+    # The autotune model's thread makes closing an iterator wait up to a minute (see
+    # pipeline._with_options); both pipelines must keep it off and their order fixed.
+    cfg = make_config(voc_root)
+    examples = voc.training_examples(cfg.dataset.manual_dir, "train_aug")
+    train = pipeline.build_train_dataset(
+        examples, num_classes=NUM_CLASSES, batch_size=2, crop_size=16, seed=0
+    )
+    evaluation = pipeline.build_eval_dataset(examples, num_classes=NUM_CLASSES)
+    for dataset in (train, evaluation):
+        options = dataset.options()
+        assert options.autotune.enabled is False
+        assert options.deterministic is True
+
+
 def test_eval_pipeline_full_size_with_names(voc_root):
     cfg = make_config(voc_root)
     batches = single_process_eval(cfg)
