@@ -503,8 +503,7 @@ def train_and_evaluate(
 
     model = build_model(config.model)
     init_checkpoint = str(config.train.init_checkpoint)
-    pretrain_cfg = config.get("pretrain")
-    if not init_checkpoint and pretrain_cfg is not None and int(pretrain_cfg.steps) > 0:
+    if not init_checkpoint and int(config.pretrain.steps) > 0:
         init_checkpoint = pretrain.pretrain_backbone(config, workdir, mesh)
     state = create_train_state(
         config, model, plan, jax.random.key(int(config.seed)), init_checkpoint=init_checkpoint
