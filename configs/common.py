@@ -26,10 +26,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.width = 1.0  # channel multiplier; 1.0 is the reference WideResNet38
     config.model.num_iters = 1  # low-rank factorisation iterations while training
     config.model.use_low_rank = True  # False: the ablation without the low-rank module
-    # Reference (ImageNet start): backbone BatchNorms on running statistics, affine frozen, and
-    # the stem (conv1a, b2, b2_1, b2_2) frozen. True / False below train them from scratch.
-    config.model.train_backbone_norm = False
-    config.model.zero_init_residual = False  # True: residual branches start at 0 (from scratch)
     config.model.temperature = 1.0
     config.model.scale_factor = 0.5  # size of the second view
     config.model.dtype = "float32"  # or bfloat16 (parameters stay float32)
@@ -85,7 +81,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.momentum = 0.9
     config.train.nesterov = True
     config.train.lr_multipliers = (1.0, 2.0, 10.0, 20.0)
-    config.train.freeze_stem = True  # the reference's frozen conv1a, b2, b2_1, b2_2
     config.train.init_checkpoint = ""  # converted ImageNet backbone (python -m slr_jax.convert)
     config.train.log_every_steps = 50
     config.train.image_every_steps = 500  # TensorBoard images (0: never)
@@ -121,9 +116,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.test.use_image_labels = False
     config.test.resize = "pil_bicubic"
     config.test.mode = "test"
-    # Views padded to k * bucket_step + 1 px: one compilation per size bucket (0: no padding,
-    # the reference's exact computation; docs/inference.md measures the difference).
-    config.test.bucket_step = 64
+    # 0: the reference's exact computation, one compiled program per view size. > 0: views
+    # padded to k * bucket_step + 1 px, one program per size bucket, at a cost in accuracy
+    # that docs/inference.md measures.
+    config.test.bucket_step = 0
     config.test.bucket_pad = "constant"  # constant (ImageNet mean) | edge | reflect | symmetric
     config.test.resume = True  # skip images whose outputs this run's settings already wrote
     config.test.save_overlays = False  # overlay/STEM.png: prediction (| ground truth) blends

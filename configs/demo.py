@@ -49,7 +49,4 @@ def get_config():
     config.test.top_k = 3
     config.test.bg_pow = 1.0  # no background re-weighting (the reference's VOC value is 3)
     config.test.use_crf = True
-    # Every synthetic image is 64x64: one compilation without size buckets, whose padding (to
-    # 65 px) would enter the low-rank dictionary and the class pooling (docs/results.md: -0.06).
-    config.test.bucket_step = 0
     return common.finalise(config)

@@ -62,10 +62,11 @@ if str(_REPO_ROOT) not in sys.path:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
 
 from slr_jax import infer as infer_lib  # noqa: E402
-from slr_jax import parity, train  # noqa: E402
+from slr_jax import parity, sharding, train  # noqa: E402
+from slr_jax.errors import TrainingError  # noqa: E402
 from slr_jax.losses import slrnet_objective  # noqa: E402
 from slr_jax.models import build_model  # noqa: E402
 from slr_jax.ops.pamr import pamr  # noqa: E402
@@ -256,7 +257,8 @@ def count_train_step_flops(config: Any, plan: Any, state: Any, batch: dict) -> f
     Inputs are abstract (shapes only), so nothing is copied or run.
     """
     cpu_mesh = Mesh(np.asarray(jax.devices("cpu")[:1]), ("data",))
-    step = train.compile_train_step(config, plan, cpu_mesh, state)
+    schedule = plan.learning_rate_fn(config.train.lr)
+    step = train.compile_train_step(config, plan, schedule, cpu_mesh, state)
     abstract = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)
     lowered = step.lower(
         jax.tree_util.tree_map(abstract, state), jax.tree_util.tree_map(abstract, batch)
@@ -343,26 +345,31 @@ class JaxSide:
     ):
         self.config = config
         self.compiler_options = compiler_options or None
-        self.mesh = train.make_mesh()
-        train.check_batch_size(int(config.train.batch_size), self.mesh)
+        self.mesh = sharding.make_mesh()
+        sharding.check_batch_size(int(config.train.batch_size), self.mesh)
         # The post-pretraining step: seg loss on, cosine lr (the work is the same either way).
         self.plan = train.StepPlan(
             steps_per_epoch=1000, total_steps=30000, pretrain_steps=0, decay_steps=30000
         )
         self.model = build_model(config.model)
         t0 = time.perf_counter()
-        state = train.create_train_state(config, self.model, self.plan, jax.random.key(seed))
-        self.state = jax.device_put(state, NamedSharding(self.mesh, PartitionSpec()))
+        self.schedule = self.plan.learning_rate_fn(config.train.lr)
+        state = train.create_train_state(
+            config, self.model, self.schedule, jax.random.key(seed), init_checkpoint=""
+        )
+        self.state = jax.device_put(state, sharding.replicated(self.mesh))
         jax.block_until_ready(self.state)
         self.init_s = time.perf_counter() - t0
-        self.batch = train.shard_batch(inputs, self.mesh)
+        self.batch = sharding.shard_batch(inputs, self.mesh)
         self.compiled = None
         self.timings: dict[str, float] = {}
         self.metrics: dict[str, float] = {}
 
     def compile(self) -> None:
         """Lowers and compiles the train step (timed apart: ``lower_s``, ``xla_compile_s``)."""
-        step = train.compile_train_step(self.config, self.plan, self.mesh, self.state)
+        step = train.compile_train_step(
+            self.config, self.plan, self.schedule, self.mesh, self.state
+        )
         t0 = time.perf_counter()
         lowered = step.lower(self.state, self.batch)
         t1 = time.perf_counter()
@@ -399,16 +406,7 @@ class JaxSide:
         test = self.config.test
 
         def run():
-            cls, masks = infer_lib.multiscale_predict(
-                self.model.apply,
-                variables,
-                photo,
-                scales=tuple(test.scales),
-                flip=bool(test.flip),
-                resize=str(test.resize),
-                mode=str(test.mode),
-            )
-            return cls, masks
+            return infer_lib.multiscale_predict(self.model.apply, variables, photo, test)
 
         return run
 
@@ -650,7 +648,7 @@ def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> dict:
         if args.dtype:
             config.model.dtype = args.dtype
         config.train.init_checkpoint = ""  # random weights: the speed does not depend on them
-    from slr_jax.main import ConfigError, validate_config
+    from slr_jax.config import ConfigError, validate_config
 
     try:
         validate_config(config)
@@ -1005,7 +1003,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = _split_overrides(extra)
         report = run(args, overrides)
-    except (BenchError, FileNotFoundError, train.TrainingError) as e:
+    except (BenchError, FileNotFoundError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_report(report))

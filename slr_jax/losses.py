@@ -22,12 +22,9 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
+from slr_jax.constants import SEMI_VARIANTS, VARIANTS
 from slr_jax.ops import resize_bilinear_align_corners
 from slr_jax.ops.pamr import pamr
-
-IGNORE_INDEX = 255
-VARIANTS = ("wsss", "semi", "semi_wo_cls", "coco")
-SEMI_VARIANTS = ("semi", "semi_wo_cls")
 
 
 def _check_variant(variant: str) -> None:
@@ -140,7 +137,7 @@ def code_consistency(codes: jax.Array, codes2: jax.Array) -> jax.Array:
 
 def _class_weights(loss_cfg, num_foreground: int) -> jax.Array | float:
     """``loss_cfg.class_weights`` as a (C-1,) array, or 1.0 when unset / empty."""
-    weights = loss_cfg.get("class_weights")
+    weights = loss_cfg.class_weights
     if weights is None or len(weights) == 0:
         return 1.0
     if len(weights) != num_foreground:
@@ -166,7 +163,7 @@ def refine_and_label(
     _check_variant(variant)
     masks = jax.lax.stop_gradient((outputs["masks"] + outputs["masks2"]) / 2.0)
     if variant == "semi_wo_cls":
-        masks = masks.at[..., 0].set(masks[..., 0] ** loss_cfg.get("pamr_bg_pow", 3))
+        masks = masks.at[..., 0].set(masks[..., 0] ** loss_cfg.pamr_bg_pow)
     size = masks.shape[1:3]
     raw = resize_bilinear_align_corners(batch["raw_image"], size)
     refined = pamr(
@@ -222,7 +219,7 @@ def slrnet_objective(
     _check_variant(variant)
     labels = batch["labels"].astype(jnp.float32)
     c_cls, c_mask, c_code, c_seg = (float(c) for c in loss_cfg.loss_coeff)
-    aux_w = float(loss_cfg.get("aux_weight", 0.4))
+    aux_w = float(loss_cfg.aux_weight)
     semi = variant in SEMI_VARIANTS
     labeled = batch["is_labeled"].astype(jnp.float32) if semi else None
     if variant == "coco":  # validated before any work is done

@@ -7,7 +7,7 @@ label             leaves                                      lr         weight 
 ================  ==========================================  =========  ============
 frozen            backbone BatchNorm leaves; all of backbone  0 (none)   none
                   ``conv1a``, ``b2``, ``b2_1``, ``b2_2``
-                  (the stem)
+                  (the stem, ``FROZEN_BACKBONE_BLOCKS``)
 backbone_weight   other backbone ``kernel``                   x1         yes
 backbone_bias     other backbone ``bias``                     x2         no
 head_weight       head ``kernel`` / ``scale`` / other leaves  x10        yes
@@ -18,21 +18,17 @@ The update is PyTorch's ``SGD(momentum=0.9, nesterov=True)`` with *coupled* weig
 the decay term is added to the gradient before the momentum buffer, as in
 ``torch.optim.SGD(weight_decay=...)``. Frozen leaves get exactly zero updates and carry no
 optimiser state.
-
-Training from random weights (the CPU demo; the reference always starts from ImageNet) can
-unfreeze the stem (``train.freeze_stem=False``: its leaves join the backbone groups) and the
-backbone BatchNorms (``model.train_backbone_norm=True``: ``scale`` -> backbone_weight,
-``bias`` -> backbone_bias).
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import optax
+
+from slr_jax.constants import FROZEN_BACKBONE_BLOCKS
 
 FROZEN = "frozen"
 BACKBONE_WEIGHT = "backbone_weight"
@@ -42,10 +38,6 @@ HEAD_BIAS = "head_bias"
 TRAINABLE_GROUPS = (BACKBONE_WEIGHT, BACKBONE_BIAS, HEAD_WEIGHT, HEAD_BIAS)
 GROUP_LABELS = (FROZEN, *TRAINABLE_GROUPS)
 
-# Backbone blocks the reference never trains (WideResNet38 ``fixed_layers``).
-FROZEN_BACKBONE_BLOCKS = frozenset({"conv1a", "b2", "b2_1", "b2_2"})
-# Reference lr multipliers for the resnet38 backbone, in TRAINABLE_GROUPS order.
-DEFAULT_LR_MULTIPLIERS = (1.0, 2.0, 10.0, 20.0)
 _DECAYED_GROUPS = frozenset({BACKBONE_WEIGHT, HEAD_WEIGHT})
 _VARIABLE_COLLECTIONS = frozenset({"params", "batch_stats"})
 
@@ -63,9 +55,7 @@ def _is_batchnorm_module(name: str) -> bool:
     return name.startswith("bn") or name.startswith("BatchNorm")
 
 
-def _label_for_path(
-    names: Sequence[str], freeze_stem: bool = True, freeze_backbone_norm: bool = True
-) -> str:
+def _label_for_path(names: Sequence[str]) -> str:
     """Group label of one leaf given its path names, e.g. ``('backbone', 'b3', 'bn7', 'bias')``."""
     if len(names) < 2:
         raise ValueError(
@@ -74,14 +64,11 @@ def _label_for_path(
         )
     top, modules, leaf = names[0], names[1:-1], names[-1]
     if top == "backbone":
-        if freeze_stem and modules and modules[0] in FROZEN_BACKBONE_BLOCKS:
+        if modules and modules[0] in FROZEN_BACKBONE_BLOCKS:
             return FROZEN
         # Backbone convolutions carry no 'scale', so any backbone 'scale' is a BatchNorm one.
-        is_norm = leaf == "scale" or any(_is_batchnorm_module(m) for m in modules)
-        if is_norm and freeze_backbone_norm:
+        if leaf == "scale" or any(_is_batchnorm_module(m) for m in modules):
             return FROZEN
-        if is_norm and leaf == "scale":
-            return BACKBONE_WEIGHT
         if leaf == "bias":
             return BACKBONE_BIAS
         if leaf == "kernel":
@@ -93,16 +80,12 @@ def _label_for_path(
     return HEAD_BIAS if leaf == "bias" else HEAD_WEIGHT
 
 
-def param_group_labels(
-    params: Any, *, freeze_stem: bool = True, freeze_backbone_norm: bool = True
-) -> Any:
+def param_group_labels(params: Any) -> Any:
     """Labels every leaf of a Flax ``params`` tree with its group name (see module docstring).
 
     Args:
       params: the ``params`` collection (nested dicts ending in ``kernel``/``bias``/``scale``),
         i.e. ``variables['params']``, not the whole ``variables`` dict.
-      freeze_stem: the reference's frozen blocks ``conv1a``, ``b2``, ``b2_1``, ``b2_2``.
-      freeze_backbone_norm: the reference's frozen backbone BatchNorm affine parameters.
     Returns:
       A pytree with the structure of ``params`` whose leaves are strings in ``GROUP_LABELS``.
     """
@@ -114,10 +97,7 @@ def param_group_labels(
                 f"{sorted(collections)}; pass variables['params'] instead."
             )
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: _label_for_path(
-            [_key_name(p) for p in path], freeze_stem, freeze_backbone_norm
-        ),
-        params,
+        lambda path, _: _label_for_path([_key_name(p) for p in path]), params
     )
 
 
@@ -183,40 +163,6 @@ def reference_schedule_steps(
     return pretrain_steps, decay_steps
 
 
-def _cfg_get(cfg: Any, name: str, default: Any = None) -> Any:
-    """Reads ``cfg.name`` from an ml_collections ConfigDict, a dict or any object."""
-    if isinstance(cfg, Mapping):
-        return cfg.get(name, default)
-    return getattr(cfg, name, default)
-
-
-def make_learning_rate_fn(cfg_train: Any, steps_per_epoch: int | None = None) -> optax.Schedule:
-    """The base (multiplier 1) lr schedule from ``cfg_train`` (``lr``, ``num_epochs``,
-    ``pretrain_epochs``, ``total_steps``), following :func:`reference_schedule_steps`.
-
-    ``steps_per_epoch`` defaults to ``total_steps // num_epochs``.
-    """
-    base_lr = _cfg_get(cfg_train, "lr")
-    num_epochs = _cfg_get(cfg_train, "num_epochs")
-    pretrain_epochs = _cfg_get(cfg_train, "pretrain_epochs", 0)
-    if base_lr is None or num_epochs is None:
-        raise ValueError("cfg_train needs 'lr' and 'num_epochs' (see configs/common.py).")
-    if steps_per_epoch is None:
-        total_steps = _cfg_get(cfg_train, "total_steps")
-        if not total_steps or total_steps < num_epochs:
-            raise ValueError(
-                f"Cannot derive steps_per_epoch: cfg_train.total_steps={total_steps} with "
-                f"num_epochs={num_epochs}. Set train.total_steps or pass steps_per_epoch."
-            )
-        steps_per_epoch = total_steps // num_epochs
-    pretrain_steps, decay_steps = reference_schedule_steps(
-        num_epochs, pretrain_epochs, steps_per_epoch
-    )
-    return learning_rate_schedule(
-        base_lr, pretrain_steps, num_epochs * steps_per_epoch, decay_steps=decay_steps
-    )
-
-
 def _group_transform(
     schedule: optax.Schedule,
     multiplier: float,
@@ -232,58 +178,38 @@ def _group_transform(
 
 
 def make_optimizer(
-    cfg_train: Any,
-    params: Any = None,
-    *,
-    learning_rate: optax.Schedule | float | None = None,
-    steps_per_epoch: int | None = None,
-    train_backbone_norm: bool = False,
+    cfg_train: Any, learning_rate: optax.Schedule | float, params: Any = None
 ) -> optax.GradientTransformation:
     """The reference optimiser: 4 SGD groups (lr x1/x2/x10/x20) plus zero updates when frozen.
 
     Args:
-      cfg_train: ``config.train``; reads ``lr``, ``num_epochs``, ``pretrain_epochs``,
-        ``total_steps``, ``weight_decay`` (5e-4), ``momentum`` (0.9), ``nesterov`` (True),
-        ``lr_multipliers`` (1, 2, 10, 20) and ``freeze_stem`` (True).
+      cfg_train: ``config.train``; reads ``weight_decay``, ``momentum``, ``nesterov`` and
+        ``lr_multipliers`` (in ``TRAINABLE_GROUPS`` order).
+      learning_rate: the base (multiplier 1) schedule, or a constant.
       params: optional ``params`` tree; when given, its labels are checked here so a bad tree
         fails early. Labels are recomputed from whatever tree ``init`` receives.
-      learning_rate: base schedule or float overriding the one built from ``cfg_train``.
-      steps_per_epoch: used to build the schedule (default ``total_steps // num_epochs``).
-      train_backbone_norm: ``config.model.train_backbone_norm`` (train the backbone
-        BatchNorms' affine parameters; the reference freezes them).
     Returns:
       An ``optax.GradientTransformation`` over the whole ``params`` tree.
     """
-    if learning_rate is None:
-        learning_rate = make_learning_rate_fn(cfg_train, steps_per_epoch)
     schedule = learning_rate if callable(learning_rate) else optax.constant_schedule(learning_rate)
-
-    multipliers = tuple(_cfg_get(cfg_train, "lr_multipliers", None) or DEFAULT_LR_MULTIPLIERS)
+    multipliers = tuple(cfg_train.lr_multipliers)
     if len(multipliers) != len(TRAINABLE_GROUPS):
         raise ValueError(
             f"train.lr_multipliers needs {len(TRAINABLE_GROUPS)} values for "
             f"{TRAINABLE_GROUPS}, got {multipliers}."
         )
-    weight_decay = float(_cfg_get(cfg_train, "weight_decay", 5e-4))
-    momentum = float(_cfg_get(cfg_train, "momentum", 0.9))
-    nesterov = bool(_cfg_get(cfg_train, "nesterov", True))
+    weight_decay, momentum = float(cfg_train.weight_decay), float(cfg_train.momentum)
+    nesterov = bool(cfg_train.nesterov)
     if weight_decay < 0 or not 0 <= momentum < 1:
         raise ValueError(
             f"Need weight_decay >= 0 and 0 <= momentum < 1, got {weight_decay}, {momentum}."
         )
     if nesterov and momentum == 0:
         raise ValueError("Nesterov momentum needs train.momentum > 0 (the reference uses 0.9).")
-
-    labels_fn = functools.partial(
-        param_group_labels,
-        freeze_stem=bool(_cfg_get(cfg_train, "freeze_stem", True)),
-        freeze_backbone_norm=not train_backbone_norm,
-    )
     if params is not None:
-        labels_fn(params)  # raises on a malformed tree
-
+        param_group_labels(params)  # raises on a malformed tree
     transforms = {FROZEN: optax.set_to_zero()}
     for group, multiplier in zip(TRAINABLE_GROUPS, multipliers):
         decay = weight_decay if group in _DECAYED_GROUPS else 0.0
         transforms[group] = _group_transform(schedule, float(multiplier), decay, momentum, nesterov)
-    return optax.multi_transform(transforms, labels_fn)
+    return optax.multi_transform(transforms, param_group_labels)

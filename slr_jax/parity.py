@@ -245,7 +245,7 @@ def masked_code_consistency(codes: jax.Array, codes2: jax.Array, keep: jax.Array
 def loss_config(setting: str, num_classes: int) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict(
         dict(
-            loss_coeff=LOSS_COEFF, aux_weight=0.4, pamr_iters=10,
+            loss_coeff=LOSS_COEFF, aux_weight=0.4, pamr_iters=10, pamr_bg_pow=3.0,
             pamr_dilations=(1, 2, 4, 8, 12, 24), pos_weight=1.0, class_weights=None,
         )
     )  # fmt: skip
@@ -610,10 +610,11 @@ def run(
         ref_ms_cls, ref_ms_masks = reference_multiscale_predict(net, photo, scales)
         timings["torch_multiscale_s"] = time.time() - t0
         t0 = time.time()
-        ms_cls, ms_masks = infer_lib.multiscale_predict(
-            model.apply, variables, photo, scales=scales, flip=True, resize="pil_bicubic",
-            mode="test",
-        )  # fmt: skip
+        from configs import common
+
+        test_cfg = common.get_config().test
+        test_cfg.scales = tuple(scales)
+        ms_cls, ms_masks = infer_lib.multiscale_predict(model.apply, variables, photo, test_cfg)
         timings["jax_multiscale_compile_and_run_s"] = time.time() - t0
         note = f"{photo.shape[0]}x{photo.shape[1]} photo, scales {tuple(scales)} + flips"
         if setting != "semi_wo_cls":

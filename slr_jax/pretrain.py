@@ -7,7 +7,7 @@ soft-margin loss on the training split's image labels (the supervision WSSS has 
 batch-statistics BatchNorm and zero-initialised residual branches (a from-scratch WideResNet38
 does not learn otherwise, docs/results.md). The backbone's ``params`` and ``batch_stats`` are
 written as a variables checkpoint (``source`` = ``image_label_backbone``) that
-``train.load_initial_weights`` reads like a converted ImageNet backbone, so the SLRNet stage
+``checkpoint.load_initial_weights`` reads like a converted ImageNet backbone, so the SLRNet stage
 then runs the reference recipe unchanged.
 
 ``train_and_evaluate`` runs this first when ``config.pretrain.steps > 0`` and
@@ -30,19 +30,16 @@ import numpy as np
 import optax
 from absl import logging
 from etils import epath
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from slr_jax import checkpoint as checkpoint_lib
+from slr_jax.errors import PretrainError
 from slr_jax.losses import multilabel_soft_margin
 from slr_jax.models.backbone import WideResNet38
+from slr_jax.sharding import data_sharded, replicated, shard_batch
 
-SOURCE = "image_label_backbone"
 CHECKPOINT_DIR = "pretrained_backbone"
 METRICS_FILE = "pretrain_metrics.jsonl"
-
-
-class PretrainError(RuntimeError):
-    """Backbone pretraining cannot run or went wrong (bad settings, non-finite loss)."""
 
 
 class BackboneClassifier(nn.Module):
@@ -126,7 +123,7 @@ def make_step(model: BackboneClassifier, tx: optax.GradientTransformation) -> Ca
 def _metadata(config: Any) -> dict:
     cfg = config.pretrain
     return {
-        "source": SOURCE,
+        "source": checkpoint_lib.IMAGE_LABEL_BACKBONE,
         "variant": str(config.model.variant),
         "num_classes": int(config.model.num_classes),
         "width": float(config.model.width),
@@ -179,15 +176,16 @@ def pretrain_backbone(
     params, batch_stats = variables["params"], variables["batch_stats"]
     tx = make_optimizer(cfg)
     opt_state = tx.init(params)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    data = NamedSharding(mesh, PartitionSpec("data"))
+    state_sharding, data = replicated(mesh), data_sharded(mesh)
     step_fn = jax.jit(
         make_step(model, tx),
-        in_shardings=(replicated, replicated, replicated, data, data, replicated),
-        out_shardings=replicated,
+        in_shardings=(*(state_sharding,) * 3, data, data, state_sharding),
+        out_shardings=state_sharding,
         donate_argnums=(0, 1, 2),
     )
-    params, batch_stats, opt_state = jax.device_put((params, batch_stats, opt_state), replicated)
+    params, batch_stats, opt_state = jax.device_put(
+        (params, batch_stats, opt_state), state_sharding
+    )
     own_batches = batches is None
     if own_batches:
         batches = data_lib.train_dataset(config)
@@ -214,8 +212,6 @@ def pretrain_backbone(
 
 def _train_loop(config, step_fn, state, batches, mesh, step_key):
     """Runs the pretraining steps -> (params, batch_stats, logged lines)."""
-    from slr_jax.train import shard_batch  # train imports this module
-
     params, batch_stats, opt_state = state
     cfg = config.pretrain
 

@@ -1,24 +1,23 @@
 """Training: TrainState, the jit-compiled data-parallel train step, and the training loop.
 
-Parallelism is ``jax.jit`` over a 1-D ``Mesh`` of every device (axis ``data``): the global
-batch is sharded along its first axis, parameters and optimiser state are replicated, and XLA
-inserts the gradient all-reduce. The head BatchNorms therefore normalise with statistics of
-the *global* batch (synchronised BatchNorm); the reference's DistributedDataParallel computes
-them per GPU (8 images each in its VOC setting), so small differences in the running
-statistics are expected. Random numbers are drawn with global-array semantics (threefry,
-partitionable), so a config gives the same numbers on 1 or N devices.
+The step is pure: ``train_step(state, batch) -> (state, metrics)``, compiled with ``jax.jit``
+over the device mesh of ``slr_jax.sharding`` (batch sharded, state replicated, state donated).
+The head BatchNorms therefore normalise with statistics of the *global* batch (synchronised
+BatchNorm); the reference's DistributedDataParallel computes them per GPU (8 images each in
+its VOC setting), so small differences in the running statistics are expected. Random numbers
+are drawn with global-array semantics (threefry, partitionable), so a config gives the same
+numbers on 1 or N devices.
 
-The step is pure: ``train_step(state, batch) -> (state, metrics)``. The seg loss switches on
-inside the compiled step from the step counter (``step >= pretrain_steps``), so nothing
-recompiles when it does. A non-finite loss leaves the state unchanged and is counted; the
-loop stops with a clear error when more than ``train.max_nonfinite_steps`` happened.
+The seg loss switches on inside the compiled step from the step counter (``step >=
+pretrain_steps``), so nothing recompiles when it does. A non-finite loss leaves the state
+unchanged and is counted; the loop stops with a clear error when more than
+``train.max_nonfinite_steps`` happened.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import signal
@@ -31,25 +30,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from flax.training import train_state
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from slr_jax import checkpoint as checkpoint_lib
-from slr_jax import optim, pretrain
+from slr_jax import evaluation, optim, pretrain, summaries
+from slr_jax.errors import TrainingError
 from slr_jax.losses import slrnet_objective
 from slr_jax.models import build_model, init_variables
+from slr_jax.sharding import (
+    BATCH_KEYS,
+    check_batch_size,
+    data_sharded,
+    make_mesh,
+    replicated,
+    shard_batch,
+)
 
 Batch = Mapping[str, Any]
-BATCH_KEYS = ("image", "raw_image", "labels", "mask", "is_labeled")
-# Checkpoint sources that hold only the backbone (the rest of the model starts at random).
-BACKBONE_SOURCES = ("imagenet_backbone", pretrain.SOURCE)
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss, bad initial checkpoint, bad config)."""
 
 
 class TrainState(train_state.TrainState):
@@ -68,6 +68,12 @@ class StepPlan:
     total_steps: int
     pretrain_steps: int
     decay_steps: int
+
+    def learning_rate_fn(self, base_lr: float) -> optax.Schedule:
+        """The base (multiplier 1) lr: constant, then cosine from ``pretrain_steps``."""
+        return optim.learning_rate_schedule(
+            float(base_lr), self.pretrain_steps, self.total_steps, self.decay_steps
+        )
 
 
 def plan_steps(cfg_train: Any, num_examples: int) -> StepPlan:
@@ -96,89 +102,28 @@ def plan_steps(cfg_train: Any, num_examples: int) -> StepPlan:
     return StepPlan(steps_per_epoch, total_steps, pretrain_steps, decay_steps)
 
 
-# ----------------------------------------------------------------------------- devices
-
-
-def make_mesh() -> Mesh:
-    """1-D mesh over every device of every process, axis ``data``."""
-    return Mesh(np.asarray(jax.devices()), ("data",))
-
-
-def check_batch_size(global_batch: int, mesh: Mesh) -> None:
-    devices = mesh.devices.size
-    if global_batch % devices or global_batch % jax.process_count():
-        raise TrainingError(
-            f"config.train.batch_size={global_batch} must be divisible by the {devices} devices "
-            f"and {jax.process_count()} processes; use a multiple of {devices}."
-        )
-
-
-def shard_batch(
-    batch: Batch, mesh: Mesh, keys: tuple[str, ...] = BATCH_KEYS
-) -> dict[str, jax.Array]:
-    """This process's share of the batch (NumPy) -> global arrays sharded on axis ``data``
-    (the entries ``keys``)."""
-    sharding = NamedSharding(mesh, PartitionSpec("data"))
-    return {
-        key: jax.make_array_from_process_local_data(sharding, np.asarray(batch[key]))
-        for key in keys
-    }
-
-
 # ----------------------------------------------------------------------------- state
-
-
-def load_initial_weights(variables: dict, path: str) -> dict:
-    """Replaces leaves of ``variables`` by a converted checkpoint (``python -m slr_jax.convert``).
-
-    A backbone file (metadata ``source`` ``imagenet_backbone`` from ``slr_jax.convert``, or
-    ``image_label_backbone`` from ``slr_jax.pretrain``) supplies only the ``backbone``
-    subtrees; a full checkpoint supplies everything. Shapes are checked.
-    """
-    loaded, metadata = checkpoint_lib.load_variables(path)
-    backbone_only = metadata.get("source") in BACKBONE_SOURCES
-    out = jax.tree_util.tree_map(lambda x: x, variables)
-    for collection in ("params", "batch_stats"):
-        if collection not in variables:
-            continue
-        if collection not in loaded:
-            raise TrainingError(f"{path} holds no '{collection}' collection.")
-        if backbone_only:
-            expected, given = variables[collection]["backbone"], loaded[collection]["backbone"]
-            checkpoint_lib.check_tree_shapes(expected, given, f"backbone {collection} of {path}")
-            out[collection] = {**variables[collection], "backbone": given}
-        else:
-            checkpoint_lib.check_tree_shapes(variables[collection], loaded[collection], path)
-            out[collection] = loaded[collection]
-    return jax.tree_util.tree_map(jnp.asarray, out)
 
 
 def create_train_state(
     config: Any,
     model: flax.linen.Module,
-    plan: StepPlan,
+    learning_rate_fn: optax.Schedule,
     rng: jax.Array,
     *,
-    init_checkpoint: str | None = None,
+    init_checkpoint: str,
 ) -> TrainState:
-    """Initial state: random init (or the weights of ``init_checkpoint``, by default
-    ``train.init_checkpoint``), optimiser, step 0."""
+    """Initial state: random init (or the weights of ``init_checkpoint``, a variables checkpoint
+    or '' for none), the reference optimiser on ``learning_rate_fn``, step 0."""
     init_rng, train_rng = jax.random.split(rng)
     variables = init_variables(model, init_rng)
-    if init_checkpoint is None:
-        init_checkpoint = config.train.init_checkpoint
     if init_checkpoint:
-        variables = load_initial_weights(variables, init_checkpoint)
-    schedule = optim.learning_rate_schedule(
-        float(config.train.lr), plan.pretrain_steps, plan.total_steps, plan.decay_steps
-    )
-    tx = optim.make_optimizer(
-        config.train,
-        variables["params"],
-        learning_rate=schedule,
-        train_backbone_norm=bool(config.model.train_backbone_norm),
-    )
+        try:
+            variables = checkpoint_lib.load_initial_weights(variables, init_checkpoint)
+        except checkpoint_lib.CheckpointError as error:
+            raise TrainingError(f"config.train.init_checkpoint: {error}") from None
     params = variables["params"]
+    tx = optim.make_optimizer(config.train, learning_rate_fn, params)
     # One compiled init instead of hundreds of eager zeros_like dispatches.
     opt_state = jax.jit(tx.init)(params)
     return TrainState(
@@ -187,7 +132,7 @@ def create_train_state(
         params=params,
         tx=tx,
         opt_state=opt_state,
-        batch_stats=variables.get("batch_stats", {}),
+        batch_stats=variables["batch_stats"],
         rng=jax.random.key_data(train_rng),
     )
 
@@ -249,146 +194,32 @@ def train_step(
     return new_state, metrics
 
 
-def compile_train_step(config: Any, plan: StepPlan, mesh: Mesh, state: TrainState):
-    """``jax.jit`` of :func:`train_step` with the state replicated and the batch sharded."""
-    schedule = optim.learning_rate_schedule(
-        float(config.train.lr), plan.pretrain_steps, plan.total_steps, plan.decay_steps
-    )
+def compile_train_step(
+    config: Any, plan: StepPlan, learning_rate_fn: optax.Schedule, mesh: Mesh, state: TrainState
+):
+    """``jax.jit`` of :func:`train_step` with the state replicated (and donated) and the
+    batch sharded over ``mesh``."""
     step_fn = functools.partial(
         train_step,
         loss_cfg=config.loss,
         variant=config.model.variant,
         pretrain_steps=plan.pretrain_steps,
-        learning_rate_fn=schedule,
+        learning_rate_fn=learning_rate_fn,
     )
-    replicated = NamedSharding(mesh, PartitionSpec())
-    data = NamedSharding(mesh, PartitionSpec("data"))
-    state_sharding = jax.tree_util.tree_map(lambda _: replicated, state)
-    batch_sharding = {key: data for key in BATCH_KEYS}
+    state_sharding = jax.tree_util.tree_map(lambda _: replicated(mesh), state)
+    batch_sharding = {key: data_sharded(mesh) for key in BATCH_KEYS}
     return jax.jit(
         step_fn,
         in_shardings=(state_sharding, batch_sharding),
-        out_shardings=(state_sharding, replicated),
+        out_shardings=(state_sharding, replicated(mesh)),
         donate_argnums=0,
-    )
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-class Checkpoints:
-    """Orbax managers under ``workdir``: ``checkpoints/`` (every N steps and each epoch end,
-    the last ``keep``) and ``best/`` (the best validation mIoU). Saves are asynchronous; a save
-    also records the data position so that a resumed run continues the same stream."""
-
-    def __init__(self, workdir: str, config: Any):
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=int(config.checkpoint.keep),
-            enable_async_checkpointing=bool(config.checkpoint.async_save),
-            create=True,
-        )
-        best_options = ocp.CheckpointManagerOptions(
-            max_to_keep=1,
-            best_fn=lambda metrics: metrics["miou"],
-            best_mode="max",
-            enable_async_checkpointing=False,
-            create=True,
-        )
-        root = epath.Path(workdir)
-        self.latest = ocp.CheckpointManager(root / "checkpoints", options=options)
-        self.best = ocp.CheckpointManager(root / "best", options=best_options)
-
-    @staticmethod
-    def _items(state: TrainState) -> dict:
-        return {"params": state.params, "batch_stats": state.batch_stats,
-                "opt_state": state.opt_state, "step": state.step, "rng": state.rng}  # fmt: skip
-
-    def save(self, state: TrainState, extra: dict, force: bool = False) -> None:
-        step = int(jax.device_get(state.step))
-        if step in self.latest.all_steps():
-            return
-        self.latest.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(self._items(state)), extra=ocp.args.JsonSave(extra)
-            ),
-            force=force,
-        )
-
-    def save_best(self, state: TrainState, miou: float, extra: dict) -> None:
-        step = int(jax.device_get(state.step))
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
-        self.best.save(
-            step,
-            args=ocp.args.Composite(
-                variables=ocp.args.StandardSave(variables), extra=ocp.args.JsonSave(extra)
-            ),
-            metrics={"miou": float(miou)},
-        )
-
-    def restore_latest(self, state: TrainState, mesh: Mesh) -> tuple[TrainState, dict] | None:
-        """The latest checkpoint laid onto ``state``'s structure, replicated on ``mesh`` (any
-        device count), or None when there is none."""
-        step = self.latest.latest_step()
-        if step is None:
-            return None
-        replicated = NamedSharding(mesh, PartitionSpec())
-        target = jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype, sharding=replicated),
-            self._items(state),
-        )
-        restored = self.latest.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()
-            ),
-        )
-        items = restored["state"]
-        state = state.replace(
-            params=items["params"],
-            batch_stats=items["batch_stats"],
-            opt_state=items["opt_state"],
-            step=items["step"],
-            rng=items["rng"],
-        )
-        return state, dict(restored["extra"] or {})
-
-    def wait(self) -> None:
-        self.latest.wait_until_finished()
-        self.best.wait_until_finished()
-
-    def close(self) -> None:
-        self.latest.close()
-        self.best.close()
-
-
-def latest_variables(workdir: str, prefer_best: bool = True) -> tuple[dict, int]:
-    """``{'params', 'batch_stats'}`` and the step of a training workdir's best (or latest)
-    checkpoint, as NumPy arrays (no model needed)."""
-    root = epath.Path(workdir)
-    for sub, item in (("best", "variables"), ("checkpoints", "state"))[0 if prefer_best else 1 :]:
-        folder = root / sub
-        if not folder.exists():
-            continue
-        with ocp.CheckpointManager(folder) as manager:
-            step = manager.latest_step()
-            if step is None:
-                continue
-            restored = manager.restore(
-                step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()})
-            )
-            tree = restored[item]
-            return {"params": tree["params"], "batch_stats": tree["batch_stats"]}, step
-    raise checkpoint_lib.CheckpointError(
-        f"no training checkpoint under {root} (looked in best/ and checkpoints/); pass the "
-        "workdir of a training run or a converted checkpoint folder."
     )
 
 
 # ----------------------------------------------------------------------------- the loop
 
 
-class _Preemption:
+class Preemption:
     """Turns SIGTERM into a flag the loop polls (save, then stop), as TPU preemption needs."""
 
     def __init__(self):
@@ -412,65 +243,6 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _summary_writer(workdir: str):
-    if jax.process_index() != 0:
-        return None
-    from flax.metrics import tensorboard
-
-    return tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
-
-
-def _colourise(labels: np.ndarray) -> np.ndarray:
-    """(H, W) int labels -> (H, W, 3) uint8 with the VOC palette (255 = white)."""
-    from slr_jax.infer import voc_palette
-
-    palette = np.asarray(voc_palette(), np.uint8).reshape(-1, 3)
-    return palette[np.clip(labels, 0, palette.shape[0] - 1)]
-
-
-def evaluate_model(config: Any, variables: Any, out_dir: str, limit: int = 0) -> dict:
-    """Multi-scale inference on the validation split (``config.test``); returns run_inference's
-    summary. Every process scores its own shard; the confusion matrices are summed."""
-    from slr_jax import evaluate
-    from slr_jax.data import eval_dataset
-    from slr_jax.infer import run_inference
-
-    examples = eval_dataset(config, limit=limit or None)
-    summary = run_inference(config, variables, examples, out_dir, save_probs=False)
-    if jax.process_count() > 1 and summary.get("confusions"):
-        from jax.experimental import multihost_utils
-
-        scores = {}
-        for kind, conf in summary["confusions"].items():
-            total = multihost_utils.process_allgather(conf).sum(axis=0)
-            scores[kind] = evaluate.segmentation_scores(total)
-        summary["scores"] = scores
-        counts = multihost_utils.process_allgather(np.asarray([summary["num_scored"]]))
-        summary["num_scored"] = int(np.sum(counts))
-    return summary
-
-
-def _log_metrics(writer, workdir: str, step: int, total_steps: int, metrics: dict) -> None:
-    """Console line with progress and ETA, TensorBoard scalars and ``metrics.jsonl``."""
-    rate = metrics.get("steps_per_s", 0.0)
-    eta = (total_steps - step) / rate if rate > 0 else float("nan")
-    eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?"
-    logging.info(
-        "step %d/%d (%.0f%%) loss %.4g | %.3g steps/s | ETA %s",
-        step, total_steps, 100.0 * step / total_steps, metrics.get("total", float("nan")),
-        rate, eta_text,
-    )  # fmt: skip
-    logging.info("step %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
-    if jax.process_index() != 0:
-        return
-    with (epath.Path(workdir) / "metrics.jsonl").open("a") as handle:
-        handle.write(json.dumps({"step": step, "loss": metrics.get("total"), **metrics}) + "\n")
-    if writer is not None:
-        for key, value in metrics.items():
-            writer.scalar(f"train/{key}", value, step)
-        writer.flush()
-
-
 def _nonfinite_error(count: int, limit: int, step: int, metrics: dict) -> TrainingError:
     bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
     terms = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
@@ -480,6 +252,15 @@ def _nonfinite_error(count: int, limit: int, step: int, metrics: dict) -> Traini
         f"state was checkpointed; limit config.train.max_nonfinite_steps={limit}). Metrics: "
         f"{terms}. Lower config.train.lr, check the input data, or use float32."
     )
+
+
+def _initial_weights(config: Any, workdir: str, mesh: Mesh) -> str:
+    """``train.init_checkpoint``, or the backbone pretrained on image labels when the config
+    asks for one (``pretrain.steps > 0`` and no init checkpoint), or '' (random weights)."""
+    init_checkpoint = str(config.train.init_checkpoint)
+    if not init_checkpoint and int(config.pretrain.steps) > 0:
+        init_checkpoint = pretrain.pretrain_backbone(config, workdir, mesh)
+    return init_checkpoint
 
 
 def train_and_evaluate(
@@ -500,245 +281,130 @@ def train_and_evaluate(
     check_batch_size(int(config.train.batch_size), mesh)
     plan = plan_steps(config.train, data_lib.num_train_examples(config))
     logging.info("plan: %s on %d devices", plan, mesh.devices.size)
-
     model = build_model(config.model)
-    init_checkpoint = str(config.train.init_checkpoint)
-    if not init_checkpoint and int(config.pretrain.steps) > 0:
-        init_checkpoint = pretrain.pretrain_backbone(config, workdir, mesh)
+    learning_rate_fn = plan.learning_rate_fn(config.train.lr)
     state = create_train_state(
-        config, model, plan, jax.random.key(int(config.seed)), init_checkpoint=init_checkpoint
-    )
-    checkpoints = Checkpoints(workdir, config)
+        config, model, learning_rate_fn, jax.random.key(int(config.seed)),
+        init_checkpoint=_initial_weights(config, workdir, mesh),
+    )  # fmt: skip
+    checkpoints = checkpoint_lib.TrainCheckpoints(workdir, config.checkpoint)
     restored = checkpoints.restore_latest(state, mesh)
     extra: dict[str, Any] = {}
     if restored is not None:
         state, extra = restored
         logging.info("resumed from step %d", int(state.step))
-    state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+    state = jax.device_put(state, replicated(mesh))
     if jax.process_index() == 0:
-        (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
-
+        config_text = config.to_json_best_effort(indent=2)
+        (epath.Path(workdir) / checkpoint_lib.CONFIG_FILE).write_text(config_text)
     per_process_batch = int(config.train.batch_size) // jax.process_count()
-    start_step = int(jax.device_get(state.step))
-    position = int(extra.get("data_position", start_step * per_process_batch))
+    position = int(extra.get("data_position", int(jax.device_get(state.step)) * per_process_batch))
     if train_iterator_fn is None:
         train_iterator_fn = lambda start: data_lib.train_dataset(config, start_position=start)
     batches = train_iterator_fn(position)
-    step_fn = compile_train_step(config, plan, mesh, state)
-    writer = _summary_writer(workdir)
+    loop = TrainLoop(config, workdir, plan, mesh, model, checkpoints, position, per_process_batch)
     try:
-        return _loop(
-            config, workdir, plan, mesh, state, batches, step_fn, checkpoints, writer,
-            position=position, per_process_batch=per_process_batch, model=model,
-        )  # fmt: skip
+        return loop.run(
+            state, batches, compile_train_step(config, plan, learning_rate_fn, mesh, state)
+        )
     finally:
         checkpoints.close()
         if hasattr(batches, "close"):
             batches.close()
 
 
-def _loop(config, workdir, plan, mesh, state, batches, step_fn, checkpoints, writer, *,
-          position, per_process_batch, model) -> dict[str, Any]:  # fmt: skip
-    """The step loop of :func:`train_and_evaluate` (see there)."""
-    start_step = int(jax.device_get(state.step))
-    log_every = max(int(config.train.log_every_steps), 1)
-    eval_every = int(config.train.eval_every_epochs) * plan.steps_per_epoch
-    nonfinite, pending, last_metrics, history = 0, [], {}, []
-    eval_summary: dict[str, Any] = {}
-    tick, tick_step = time.perf_counter(), start_step
-    visuals_fn = None
+class TrainLoop:
+    """The step loop of :func:`train_and_evaluate`: steps, logging, images, checkpoints,
+    periodic evaluation and preemption."""
 
-    def extra_info(step):
-        return {"data_position": position, "epoch": step / plan.steps_per_epoch}
+    def __init__(
+        self, config, workdir, plan, mesh, model, checkpoints, position, per_process_batch
+    ):
+        self.config, self.workdir, self.plan, self.mesh = config, workdir, plan, mesh
+        self.model, self.checkpoints = model, checkpoints
+        self.position, self.per_process_batch = position, per_process_batch
+        self.log_every = max(int(config.train.log_every_steps), 1)
+        self.eval_every = int(config.train.eval_every_epochs) * plan.steps_per_epoch
+        self.image_every = int(config.train.image_every_steps)
+        self.writer = summaries.summary_writer(workdir)
+        self.nonfinite, self.pending, self.history = 0, [], []
+        self.last_metrics: dict[str, float] = {}
+        self.visuals_fn = None
 
-    with _Preemption() as preemption:
-        step = start_step
-        while step < plan.total_steps:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                raise TrainingError("the training input ended; it should repeat forever.") from None
-            position += per_process_batch
-            state, metrics = step_fn(state, shard_batch(batch, mesh))
-            pending.append(metrics)
-            step += 1
-            if step % log_every == 0 or step == plan.total_steps:
-                stacked = jax.device_get(pending)
-                pending = []
-                last_metrics = {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
-                nonfinite += int(sum(m["nonfinite"] for m in stacked))
-                elapsed = time.perf_counter() - tick
-                last_metrics["steps_per_s"] = (step - tick_step) / max(elapsed, 1e-9)
-                last_metrics["images_per_s"] = last_metrics["steps_per_s"] * int(
-                    config.train.batch_size
-                )
-                last_metrics["epoch"] = step / plan.steps_per_epoch
-                tick, tick_step = time.perf_counter(), step
-                history.append({"step": step, **last_metrics})
-                _log_metrics(writer, workdir, step, plan.total_steps, last_metrics)
-                if nonfinite > int(config.train.max_nonfinite_steps):
-                    # Non-finite updates were skipped: the state is the last good one.
-                    checkpoints.save(state, extra_info(step), force=True)
-                    checkpoints.wait()
-                    raise _nonfinite_error(
-                        nonfinite, int(config.train.max_nonfinite_steps), step, last_metrics
-                    )
-            image_every = int(config.train.image_every_steps)
-            if writer is not None and image_every > 0 and step % image_every == 0:
-                visuals_fn = visuals_fn or make_visuals_fn(config, model)
-                _write_images(writer, visuals_fn, state, batch, step)
-            if step % int(config.checkpoint.every_steps) == 0 or step % plan.steps_per_epoch == 0:
-                checkpoints.save(state, extra_info(step))
-            if eval_every and step % eval_every == 0 and step < plan.total_steps:
-                eval_summary = _evaluate_and_keep_best(
-                    config, state, checkpoints, workdir, step, writer
-                )
-            if preemption.requested or checkpoints.latest.reached_preemption(step):
-                checkpoints.save(state, extra_info(step), force=True)
-                checkpoints.wait()
-                logging.warning("stopped at step %d for preemption; rerun to resume.", step)
-                return {"step": step, "metrics": last_metrics, "history": history, "eval": {},
-                        "preempted": True}  # fmt: skip
-    checkpoints.save(state, extra_info(step), force=True)
-    if step > start_step or not eval_summary:
-        eval_summary = _evaluate_and_keep_best(config, state, checkpoints, workdir, step, writer)
-    checkpoints.wait()
-    return {"step": step, "metrics": last_metrics, "history": history, "eval": eval_summary,
-            "preempted": False}  # fmt: skip
+    def extra(self, step: int) -> dict:
+        """What a checkpoint records beside the state: the data position and the epoch."""
+        return {"data_position": self.position, "epoch": step / self.plan.steps_per_epoch}
 
+    def run(self, state: TrainState, batches: Iterator[Batch], step_fn) -> dict[str, Any]:
+        start_step = int(jax.device_get(state.step))
+        step, eval_summary = start_step, {}
+        self.tick, self.tick_step = time.perf_counter(), start_step
+        with Preemption() as preemption:
+            while step < self.plan.total_steps:
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    raise TrainingError(
+                        "the training input ended; it should repeat forever."
+                    ) from None
+                self.position += self.per_process_batch
+                state, metrics = step_fn(state, shard_batch(batch, self.mesh))
+                self.pending.append(metrics)
+                step += 1
+                eval_summary = self.after_step(state, batch, step) or eval_summary
+                if preemption.requested or self.checkpoints.reached_preemption(step):
+                    self.checkpoints.save(state, self.extra(step), force=True)
+                    self.checkpoints.wait()
+                    logging.warning("stopped at step %d for preemption; rerun to resume.", step)
+                    return self.result(step, {}, preempted=True)
+        self.checkpoints.save(state, self.extra(step), force=True)
+        if step > start_step or not eval_summary:
+            eval_summary = self.evaluate(state, step)
+        self.checkpoints.wait()
+        return self.result(step, eval_summary, preempted=False)
 
-def pseudo_label_scores(config: Any, variables: Any, limit: int = 0) -> dict | None:
-    """Scores of the training pseudo labels on the validation split (image labels from the
-    ground truth, as in training): each image is resized (PIL bicubic) to the training crop
-    size, the pseudo label computed as the loss computes it, resized back (nearest) and
-    scored; pixels the pseudo label leaves unassigned count as background, the evaluation's
-    convention for ignored predictions. One compiled program for every image size."""
-    from PIL import Image
+    def result(self, step: int, eval_summary: dict, preempted: bool) -> dict[str, Any]:
+        return {"step": step, "metrics": self.last_metrics, "history": self.history,
+                "eval": eval_summary, "preempted": preempted}  # fmt: skip
 
-    from slr_jax import evaluate
-    from slr_jax.data import eval_dataset
-    from slr_jax.infer import _example_fields, normalise_image
-
-    crop = config.dataset.crop_size
-    size = (crop, crop) if isinstance(crop, int) else tuple(crop)
-    visuals_fn = make_visuals_fn(config, build_model(config.model))
-    num_classes = int(config.model.num_classes)
-    accumulator = evaluate.ConfusionAccumulator(num_classes)
-    for example in eval_dataset(config, limit=limit or None):
-        fields = _example_fields(example)
-        if fields is None or fields["mask"] is None or fields["labels"] is None:
-            continue
-        gt = np.asarray(fields["mask"])
-        if not (gt != 255).any():
-            continue
-        height, width = gt.shape
-        resized = Image.fromarray(fields["image_uint8"]).resize(
-            (size[1], size[0]), Image.Resampling.BICUBIC
-        )
-        image = np.asarray(resized)
-        batch = {
-            "image": normalise_image(image)[None],
-            "raw_image": (image.astype(np.float32) / 255.0)[None],
-            "labels": np.asarray(fields["labels"], np.float32)[None],
-            "mask": np.full((1, *size), 255, np.int32),
-            "is_labeled": np.zeros((1,), bool),
-        }
-        pseudo = np.asarray(jax.device_get(visuals_fn(variables, batch))["pseudo"][0])
-        labels = np.where(pseudo.sum(-1) > 0, pseudo.argmax(-1), 0).astype(np.uint8)
-        labels = np.asarray(
-            Image.fromarray(labels).resize((width, height), Image.Resampling.NEAREST)
-        )
-        accumulator.update(labels, gt)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        accumulator.confusion = multihost_utils.process_allgather(accumulator.confusion).sum(0)
-    if not accumulator.confusion.any():
+    def after_step(self, state: TrainState, batch: Batch, step: int) -> dict | None:
+        """Logging, images, checkpoints and periodic evaluation after ``step``; returns the
+        evaluation's results when one ran."""
+        if step % self.log_every == 0 or step == self.plan.total_steps:
+            self.log(state, step)
+        if self.writer is not None and self.image_every > 0 and step % self.image_every == 0:
+            self.visuals_fn = self.visuals_fn or evaluation.make_visuals_fn(self.config, self.model)
+            variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
+            summaries.write_images(self.writer, self.visuals_fn, variables, batch, step)
+        every = int(self.config.checkpoint.every_steps)
+        if step % every == 0 or step % self.plan.steps_per_epoch == 0:
+            self.checkpoints.save(state, self.extra(step))
+        if self.eval_every and step % self.eval_every == 0 and step < self.plan.total_steps:
+            return self.evaluate(state, step)
         return None
-    return accumulator.result()
 
-
-def _class_names(num_classes: int) -> list[str]:
-    from slr_jax import evaluate
-
-    if num_classes == len(evaluate.VOC_CLASSES):
-        return list(evaluate.VOC_CLASSES)
-    return [f"class_{c}" for c in range(num_classes)]
-
-
-def _evaluate_and_keep_best(config, state, checkpoints, workdir, step, writer) -> dict:
-    """Val-split inference (config.test), pseudo-label scores, best checkpoint and
-    ``WORKDIR/results.json`` ({'miou', 'pseudo_label_miou', 'per_class_iou', ...})."""
-    variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
-    out_dir = os.path.join(workdir, "eval", f"step_{step}")
-    limit = int(config.train.eval_limit)
-    summary = evaluate_model(config, variables, out_dir, limit)
-    scores = summary.get("scores", {}).get("pred")
-    if scores is None:
-        logging.warning("no validation image has ground truth; skipped scoring.")
-        return {}
-    pseudo = pseudo_label_scores(config, variables, limit)
-    miou = float(scores["miou"])
-    pseudo_miou = float(pseudo["miou"]) if pseudo is not None else float("nan")
-    logging.info(
-        "step %d: val mIoU %.4f (pseudo labels %.4f) over %d images",
-        step, miou, pseudo_miou, summary["num_scored"],
-    )  # fmt: skip
-    if writer is not None:
-        writer.scalar("val/miou", miou, step)
-        writer.scalar("val/pseudo_label_miou", pseudo_miou, step)
-        writer.scalar("val/pixel_accuracy", float(scores["pixel_accuracy"]), step)
-        writer.flush()
-    if math.isfinite(miou):
-        checkpoints.save_best(state, miou, {"miou": miou, "step": step})
-    names = _class_names(int(config.model.num_classes))
-    per_class = lambda iou: {n: (float(v) if np.isfinite(v) else None) for n, v in zip(names, iou)}
-    result = {
-        "step": step,
-        "split": config.dataset.val_split,
-        "num_images": summary["num_scored"],
-        "miou": miou,
-        "pseudo_label_miou": pseudo_miou,
-        "per_class_iou": per_class(scores["iou"]),
-        "pseudo_label_per_class_iou": per_class(pseudo["iou"]) if pseudo is not None else {},
-        "pixel_accuracy": float(scores["pixel_accuracy"]),
-        "out_dir": out_dir,
-    }
-    if "crf" in summary.get("scores", {}):
-        result["crf_miou"] = float(summary["scores"]["crf"]["miou"])
-        result["crf_per_class_iou"] = per_class(summary["scores"]["crf"]["iou"])
-    if jax.process_index() == 0:
-        text = json.dumps(result, indent=2)
-        (epath.Path(out_dir) / "results.json").write_text(text)
-        (epath.Path(workdir) / "results.json").write_text(text)
-    return result
-
-
-def make_visuals_fn(config: Any, model: flax.linen.Module) -> Callable:
-    """jit: (variables, batch of NumPy arrays) -> visuals (cam, refined, pseudo) in eval mode."""
-
-    def visuals(variables, batch):
-        outputs = model.apply(variables, batch["image"], mode="train", train=False)
-        _, _, out = slrnet_objective(
-            outputs, batch, loss_cfg=config.loss, variant=config.model.variant, seg_weight=1.0
+    def evaluate(self, state: TrainState, step: int) -> dict:
+        return evaluation.evaluate_and_keep_best(
+            self.config, state, self.checkpoints, self.workdir, step, self.writer
         )
-        return out
 
-    return jax.jit(visuals)
-
-
-def _write_images(writer, visuals_fn, state, batch, step) -> None:
-    """The first training image, then overlays of its CAM, PAMR-refined mask and pseudo label
-    (argmax; white = unassigned), side by side, as the reference's visualisation shows."""
-    variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
-    one = {k: np.asarray(batch[k])[:1] for k in BATCH_KEYS}
-    visuals = jax.device_get(visuals_fn(variables, one))
-    raw = (one["raw_image"][0] * 255).clip(0, 255).astype(np.uint8)
-    pseudo = visuals["pseudo"][0]
-    pseudo_labels = np.where(pseudo.sum(-1) > 0, pseudo.argmax(-1), 255)
-    cam = visuals["cam"][0].argmax(-1)
-    refined = visuals["refined"][0].argmax(-1)
-    overlay = lambda labels: (0.5 * raw + 0.5 * _colourise(labels)).astype(np.uint8)
-    panel = np.concatenate([raw, overlay(cam), overlay(refined), overlay(pseudo_labels)], axis=1)
-    writer.image("train/image_cam_refined_pseudo", panel, step)
-    writer.flush()
+    def log(self, state: TrainState, step: int) -> None:
+        """Averages the pending metrics, logs them, and stops on too many non-finite steps."""
+        stacked = jax.device_get(self.pending)
+        self.pending = []
+        metrics = {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
+        self.nonfinite += int(sum(m["nonfinite"] for m in stacked))
+        elapsed = time.perf_counter() - self.tick
+        metrics["steps_per_s"] = (step - self.tick_step) / max(elapsed, 1e-9)
+        metrics["images_per_s"] = metrics["steps_per_s"] * int(self.config.train.batch_size)
+        metrics["epoch"] = step / self.plan.steps_per_epoch
+        self.tick, self.tick_step = time.perf_counter(), step
+        self.last_metrics = metrics
+        self.history.append({"step": step, **metrics})
+        summaries.log_metrics(self.writer, self.workdir, step, self.plan.total_steps, metrics)
+        limit = int(self.config.train.max_nonfinite_steps)
+        if self.nonfinite > limit:
+            # Non-finite updates were skipped: the state is the last good one.
+            self.checkpoints.save(state, self.extra(step), force=True)
+            self.checkpoints.wait()
+            raise _nonfinite_error(self.nonfinite, limit, step, metrics)

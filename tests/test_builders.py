@@ -9,7 +9,6 @@ import json
 import logging
 import tarfile
 
-import ml_collections
 import numpy as np
 import pytest
 import scipy.io
@@ -17,9 +16,12 @@ import tensorflow_datasets as tfds
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from configs import common
+from slr_jax import constants
+from slr_jax.constants import IGNORE_LABEL
 from slr_jax.data import builders, pipeline, transforms, voc
 from slr_jax.data.synthetic import make_synthetic_examples
-from slr_jax.data.voc import IGNORE_LABEL, DataError
+from slr_jax.errors import DataError
 
 # A VOC 2012 + SBD copy in miniature. 2007_000002 is in VOC train and SBD: VOC's mask must win.
 # 2007_000003 is VOC val and SBD train: it must stay out of train_aug. 2008_000006 has its image
@@ -72,7 +74,7 @@ def write_fake_voc_sbd(manual_dir, *, with_test=True):
         save_jpeg(folder / f"{name}.jpg", fake_image(index))
         if name in VOC_TRAIN + VOC_VAL:
             png = Image.fromarray(fake_mask(index))
-            png.putpalette(voc.voc_palette())
+            png.putpalette(constants.voc_palette())
             png.save(voc_root / "SegmentationClass" / f"{name}.png")
         if name in SBD_TRAIN + SBD_VAL:  # SBD masks have no 255 outline; shift differs from VOC
             mask = np.where(fake_mask(index, shift=1) == IGNORE_LABEL, 0, fake_mask(index, shift=1))
@@ -363,7 +365,7 @@ def test_coco_reference_order_and_bad_categories(coco_build):
     wrong = [{**annotations[0], "category_id": 12}]
     with pytest.raises(DataError, match="category id 12 is not one of the 80"):
         builders.coco_semantic_mask(wrong, 30, 40)
-    assert len(builders.COCO_CATEGORY_IDS) == 80 == len(builders.COCO_CLASSES) - 1
+    assert len(builders.COCO_CATEGORY_IDS) == 80 == len(constants.COCO_CLASSES) - 1
     assert builders.coco_class(90) == 80 and builders.coco_class(13) == 12
 
 
@@ -406,9 +408,11 @@ def tfds_config(data_dir, tfds_name, num_classes, **overrides):
         train_split="train_aug", val_split="val", crop_size=16,
     )  # fmt: skip
     dataset.update(overrides)
-    return ml_collections.ConfigDict(
-        dict(seed=0, model=dict(num_classes=num_classes), train=dict(batch_size=4), dataset=dataset)
-    )
+    config = common.get_config()
+    config.model.num_classes = num_classes
+    config.train.batch_size = 4
+    config.dataset.update(dataset)
+    return config
 
 
 def test_pipeline_reads_tfds_into_the_same_batches(shapes_data_dir):

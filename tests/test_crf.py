@@ -1,4 +1,4 @@
-"""slr_jax.crf: equals the reference utils/dcrf.py and sharpens noisy maps toward the regions."""
+"""slr_jax.infer.crf: equals the reference utils/dcrf.py, sharpens noisy maps toward regions."""
 
 import importlib.util
 import sys
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from slr_jax import crf, evaluate
+from slr_jax import metrics
+from slr_jax.infer import crf
 
 pytest.importorskip("pydensecrf.densecrf")
 
@@ -46,8 +47,8 @@ def _scene(seed=0):
 
 
 def _miou(pred, labels):
-    conf = evaluate.confusion_matrix(pred, labels, NUM_CLASSES)
-    return evaluate.segmentation_scores(conf)["miou"]
+    conf = metrics.confusion_matrix(pred, labels, NUM_CLASSES)
+    return metrics.segmentation_scores(conf)["miou"]
 
 
 def test_matches_reference_crf_inference(reference_file):

@@ -8,12 +8,13 @@ import sys
 import types
 from pathlib import Path
 
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 from scipy import ndimage
 
+from configs import common
+from slr_jax.constants import IGNORE_LABEL
 from slr_jax.data import pipeline, transforms, voc
 from slr_jax.data.synthetic import (
     INFO_FILE,
@@ -25,7 +26,7 @@ from slr_jax.data.synthetic import (
     trivial_baseline_scores,
     write_synthetic_voc,
 )
-from slr_jax.data.voc import IGNORE_LABEL, DataError
+from slr_jax.errors import DataError
 
 NUM_CLASSES = 5
 SIZE = (40, 48)
@@ -52,14 +53,11 @@ def make_config(manual_dir, **dataset_overrides):
         scale_range=(0.9, 1.0),
     )
     dataset.update(dataset_overrides)
-    return ml_collections.ConfigDict(
-        dict(
-            seed=0,
-            model=dict(num_classes=NUM_CLASSES),
-            train=dict(batch_size=4),
-            dataset=dataset,
-        )
-    )
+    config = common.get_config()
+    config.model.num_classes = NUM_CLASSES
+    config.train.batch_size = 4
+    config.dataset.update(dataset)
+    return config
 
 
 def take(iterator, count):
@@ -337,7 +335,7 @@ def test_crop_box_respects_scale_and_ratio():
         assert 0 <= top and top + h <= 120 and 0 <= left and left + w <= 90
         assert 0.85 <= h * w / (120 * 90) <= 1.0 + 1e-6
     # A very wide image never fits the ratio range: centre crop clamped to ratio 4/3.
-    assert transforms.sample_crop_box(rng, 10, 100, (0.9, 1.0)) == (0, 43, 10, 13)
+    assert transforms.sample_crop_box(rng, 10, 100, (0.9, 1.0), (3 / 4, 4 / 3)) == (0, 43, 10, 13)
 
 
 def test_train_transform_flip_and_crop_keep_image_and_mask_aligned():
@@ -525,9 +523,12 @@ def test_pipelines_are_deterministic_without_the_autotune_model(voc_root):
     # pipeline._with_options); both pipelines must keep it off and their order fixed.
     cfg = make_config(voc_root)
     examples = voc.training_examples(cfg.dataset.manual_dir, "train_aug")
+    dataset = cfg.dataset
     train = pipeline.build_train_dataset(
-        examples, num_classes=NUM_CLASSES, batch_size=2, crop_size=16, seed=0
-    )
+        examples, num_classes=NUM_CLASSES, batch_size=2, crop_size=16, seed=0,
+        scale=dataset.scale_range, ratio=dataset.ratio_range, flip_prob=dataset.flip_prob,
+        jitter=dataset.color_jitter,
+    )  # fmt: skip
     evaluation = pipeline.build_eval_dataset(examples, num_classes=NUM_CLASSES)
     for dataset in (train, evaluation):
         options = dataset.options()

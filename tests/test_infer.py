@@ -19,14 +19,32 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from slr_jax import infer
-from slr_jax.checkpoint import CheckpointError, save_variables
+from configs import common
+from slr_jax import constants, infer, metrics
+from slr_jax.checkpoint import save_variables
+from slr_jax.infer import export, predict, preprocess, runner
 from slr_jax.models import build_model, variable_shapes
 from slr_jax.ops import resize_bilinear_align_corners
 
 NUM_CLASSES = 5
 HEIGHT, WIDTH = 40, 50
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MEAN, STD = constants.IMAGENET_MEAN, constants.IMAGENET_STD
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def settings_with(**overrides):
+    """``config.test`` of configs/common.py (the reference's settings) with ``overrides``."""
+    cfg = common.get_config().test
+    cfg.update(overrides)
+    return cfg
+
+
+def config_for(model: dict, **test_overrides):
+    """The full config of configs/common.py with ``model`` keys and ``test`` overrides."""
+    cfg = common.get_config()
+    cfg.model.update(model)
+    cfg.test.update(test_overrides)
+    return cfg
 
 
 # ----------------------------------------------------------------------------- fake model
@@ -105,7 +123,9 @@ def test_multiscale_matches_reference_loop():
     variables = _fake_variables()
     image = _photo()
     scales = (1.0, 0.5, 1.5, 0.75)
-    cls, masks = infer.multiscale_predict(fake_apply, variables, image, scales=scales)
+    cls, masks = infer.multiscale_predict(
+        fake_apply, variables, image, settings_with(scales=scales)
+    )
     ref_cls, ref_masks = _reference_multiscale(variables, image, scales)
     assert cls.shape == (NUM_CLASSES - 1,) and masks.shape == (HEIGHT, WIDTH, NUM_CLASSES)
     np.testing.assert_allclose(cls, ref_cls, rtol=1e-5, atol=1e-6)
@@ -116,10 +136,10 @@ def test_multiscale_matches_reference_loop():
 
 def test_multiscale_reuses_the_compiled_forward():
     variables = _fake_variables()
-    infer.multiscale_predict(fake_apply, variables, _photo(), scales=(1.0,))
-    forward = infer._network_fn(fake_apply, "test")
+    infer.multiscale_predict(fake_apply, variables, _photo(), settings_with(scales=(1.0,)))
+    forward = predict._network_fn(fake_apply, "test")
     before = forward._cache_size()
-    infer.multiscale_predict(fake_apply, variables, _photo(seed=3), scales=(1.0,))
+    infer.multiscale_predict(fake_apply, variables, _photo(seed=3), settings_with(scales=(1.0,)))
     assert forward._cache_size() == before
 
 
@@ -132,24 +152,28 @@ def test_flip_views_are_flipped_back():
     # The model is not mirror-symmetric, so forgetting to flip back would show.
     assert np.abs(mirrored - direct[:, ::-1]).max() > 0.05
 
-    _, no_flip = infer.multiscale_predict(fake_apply, variables, image, scales=(1.0,), flip=False)
+    one_view = settings_with(scales=(1.0,), flip=False)
+    _, no_flip = infer.multiscale_predict(fake_apply, variables, image, one_view)
     np.testing.assert_allclose(no_flip, direct, atol=1e-6)
-    _, with_flip = infer.multiscale_predict(fake_apply, variables, image, scales=(1.0,))
+    _, with_flip = infer.multiscale_predict(
+        fake_apply, variables, image, settings_with(scales=(1.0,))
+    )
     np.testing.assert_allclose(with_flip, (direct + mirrored[:, ::-1]) / 2, atol=1e-6)
     assert np.abs(with_flip - (direct + mirrored) / 2).max() > 0.02
 
 
 def test_scaled_input_sizes_and_paths():
     image = _photo()
-    assert infer.reference_scaled_size((HEIGHT, WIDTH), 0.75) == (30, 38)  # round(37.5) = 38
-    assert infer.reference_scaled_size((5, 5), 0.5) == (2, 2)  # NumPy rounds half to even
-    np.testing.assert_array_equal(infer.scaled_input(image, 1.0), infer.normalise_image(image))
+    assert preprocess.reference_scaled_size((HEIGHT, WIDTH), 0.75) == (30, 38)  # round(37.5)
+    assert preprocess.reference_scaled_size((5, 5), 0.5) == (2, 2)  # NumPy rounds half to even
+    exact = infer.scaled_input(image, 1.0, "pil_bicubic")
+    np.testing.assert_array_equal(exact, infer.normalise_image(image))
     # Float (already normalised) input: the same bicubic kernel without 8-bit rounding.
-    from_uint8 = infer.scaled_input(image, 0.5)
-    from_float = infer.scaled_input(infer.normalise_image(image), 0.5)
+    from_uint8 = infer.scaled_input(image, 0.5, "pil_bicubic")
+    from_float = infer.scaled_input(infer.normalise_image(image), 0.5, "pil_bicubic")
     assert from_float.shape == from_uint8.shape == (20, 25, 3)
     assert np.abs(from_float - from_uint8).max() < 0.05
-    aligned = infer.scaled_input(image, 0.5, resize="align_corners")
+    aligned = infer.scaled_input(image, 0.5, "align_corners")
     assert aligned.shape == (20, 25, 3)
 
 
@@ -176,11 +200,12 @@ def _random_variables(model, seed=0):
 
 
 TINY_MODEL = {"variant": "wsss", "num_classes": 21, "width": 0.0625}
+FAKE_MODEL = {"variant": "wsss", "num_classes": NUM_CLASSES}
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    model = build_model(TINY_MODEL)
+    model = build_model(config_for(TINY_MODEL).model)
     return model, _random_variables(model)
 
 
@@ -218,37 +243,38 @@ def test_masks_to_labels_matches_reference_steps():
     settings = {"fp_cut": 0.3, "top_k": 3, "bg_pow": 3.0}
     presence = infer.class_presence(cls, fp_cut=0.3, top_k=3)
     np.testing.assert_array_equal(np.flatnonzero(presence), [0, 2, 5])
-    labels = infer.masks_to_labels(cls, masks, **settings)
+    labels = infer.masks_to_labels(cls, masks, settings_with(**settings))["pred"]
     ref_labels, ref_probs = _reference_labels(cls, masks, **settings)
     assert labels.dtype == np.uint8 and labels.shape == masks.shape[:2]
     np.testing.assert_array_equal(labels, ref_labels)
     np.testing.assert_allclose(
-        infer.adjust_probabilities(cls, masks, **settings),
+        infer.adjust_probabilities(cls, masks, settings_with(**settings)),
         np.transpose(ref_probs, (1, 2, 0)),
         rtol=1e-6,
     )
     assert set(np.unique(labels)) <= {0, 1, 3, 6}
     # bg_pow and top_k both change the answer on this input.
-    assert (infer.masks_to_labels(cls, masks, fp_cut=0.3, top_k=3, bg_pow=1.0) != labels).any()
-    assert (infer.masks_to_labels(cls, masks, fp_cut=0.3, top_k=6, bg_pow=3.0) != labels).any()
+    for other in (dict(settings, bg_pow=1.0), dict(settings, top_k=6)):
+        assert (infer.masks_to_labels(cls, masks, settings_with(**other))["pred"] != labels).any()
 
 
 def test_masks_to_labels_with_image_labels_and_without_filtering():
     cls, masks = _label_inputs(seed=2)
     image_labels = np.zeros(7, np.float32)
     image_labels[[1, 4]] = 1.0
-    labels = infer.masks_to_labels(cls, masks, bg_pow=2.0, image_labels=image_labels)
+    settings = settings_with(bg_pow=2.0)
+    labels = infer.masks_to_labels(cls, masks, settings, image_labels=image_labels)["pred"]
     ref_labels, _ = _reference_labels(
         cls, masks, fp_cut=0.3, top_k=6, bg_pow=2.0, image_labels=image_labels
     )
     np.testing.assert_array_equal(labels, ref_labels)
     assert set(np.unique(labels)) <= {0, 2, 5}
     # semi_wo_cls: no class filter and no background power, a plain argmax.
-    plain = infer.masks_to_labels(cls, masks, filter_classes=False)
+    plain = infer.masks_to_labels(cls, masks, settings, filter_classes=False)["pred"]
     np.testing.assert_array_equal(plain, np.argmax(masks, -1))
     # COCO's extra power on one class is applied after the background power.
-    coco = infer.adjust_probabilities(cls, masks, bg_pow=2.0, class_pows={1: 4.0})
-    base = infer.adjust_probabilities(cls, masks, bg_pow=2.0)
+    coco = infer.adjust_probabilities(cls, masks, settings_with(bg_pow=2.0, class_pows={1: 4.0}))
+    base = infer.adjust_probabilities(cls, masks, settings)
     np.testing.assert_allclose(coco[..., 1], base[..., 1] ** 4, rtol=1e-6)
 
 
@@ -258,9 +284,9 @@ def test_crf_path_matches_pydensecrf():
 
     cls, masks = _label_inputs(seed=4, height=20, width=24)
     image = _photo(20, 24, seed=4)
-    labels = infer.masks_to_labels(
-        cls, masks, fp_cut=0.3, top_k=3, bg_pow=3.0, use_crf=True, image_uint8=image
-    )
+    settings = settings_with(fp_cut=0.3, top_k=3, bg_pow=3.0, use_crf=True)
+    both = infer.masks_to_labels(cls, masks, settings, image_uint8=image)
+    labels = both["crf"]
     _, probs = _reference_labels(cls, masks, fp_cut=0.3, top_k=3, bg_pow=3.0)
     crf = densecrf.DenseCRF2D(24, 20, probs.shape[0])
     crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(probs)))
@@ -268,8 +294,7 @@ def test_crf_path_matches_pydensecrf():
     crf.addPairwiseBilateral(sxy=80, srgb=13, rgbim=np.copy(image), compat=10)
     expected = np.argmax(np.array(crf.inference(10)).reshape(probs.shape), 0)
     np.testing.assert_array_equal(labels, expected)
-    no_crf = infer.masks_to_labels(cls, masks, fp_cut=0.3, top_k=3, bg_pow=3.0)
-    assert (labels != no_crf).any()
+    assert (labels != both["pred"]).any()
 
 
 # ----------------------------------------------------------------------------- export
@@ -296,16 +321,16 @@ def test_export_pngs_round_trip(tmp_path):
         np.testing.assert_array_equal(np.array(png), labels)
 
 
-def test_evaluate_predictions_known_answer(tmp_path):
+def test_score_predictions_known_answer(tmp_path):
     gt = np.array([[0, 0, 1, 1], [0, 255, 1, 2]])
     pred = np.array([[0, 1, 1, 1], [0, 2, 1, 2]])
-    scores = infer.evaluate_predictions({"a": pred}, {"a": gt}, num_classes=3)
+    scores = metrics.score_predictions({"a": pred}, {"a": gt}, num_classes=3)
     # background 2/3, class 1 3/4, class 2 1/1.
     np.testing.assert_allclose(scores["iou"], [2 / 3, 3 / 4, 1.0])
     np.testing.assert_allclose(scores["miou"], (2 / 3 + 3 / 4 + 1) / 3)
     infer.save_label_png(tmp_path / "pred" / "a.png", pred)
     infer.save_label_png(tmp_path / "gt" / "a.png", gt)
-    from_files = infer.evaluate_predictions(tmp_path / "pred", tmp_path / "gt", num_classes=3)
+    from_files = metrics.score_predictions(tmp_path / "pred", tmp_path / "gt", num_classes=3)
     np.testing.assert_allclose(from_files["iou"], scores["iou"])
 
 
@@ -324,19 +349,16 @@ def test_run_inference_on_eval_batches(tmp_path):
         "is_valid": np.asarray([True]),
     }
     padding = dict(batch, name=np.asarray(["pad"]), is_valid=np.asarray([False]))
-    cfg = {
-        "model": {"variant": "wsss", "num_classes": NUM_CLASSES},
-        # fake_apply's ramp spans the whole input, so padding would change it: no buckets.
-        "test": {"scales": (1.0, 0.5), "fp_cut": 0.0, "top_k": 4, "bg_pow": 1.0, "bucket_step": 0},
-    }
+    # fake_apply's ramp spans the whole input, so padding would change it: no buckets.
+    cfg = config_for(FAKE_MODEL, scales=(1.0, 0.5), fp_cut=0.0, top_k=4, bg_pow=1.0)
     summary = infer.run_inference(
         cfg, variables, [batch, padding], tmp_path, apply_fn=fake_apply, save_probs=True
     )
     assert summary["num_images"] == 1 and summary["num_scored"] == 1
     assert summary["num_predicted"] == 1 and summary["images_per_second"] > 0
     assert not (tmp_path / "pred" / "pad.png").exists()
-    cls, masks = infer.multiscale_predict(fake_apply, variables, image, scales=(1.0, 0.5))
-    expected = infer.masks_to_labels(cls, masks, fp_cut=0.0, top_k=4, bg_pow=1.0)
+    cls, masks = infer.multiscale_predict(fake_apply, variables, image, cfg.test)
+    expected = infer.masks_to_labels(cls, masks, cfg.test)["pred"]
     with Image.open(tmp_path / "pred" / "img_a.png") as png:
         np.testing.assert_array_equal(np.array(png), expected)
     bg_iou = np.mean(expected[:, :25] == 0) / (1 + np.mean(expected[:, 25:] == 0))
@@ -347,8 +369,18 @@ def test_run_inference_on_eval_batches(tmp_path):
 # ----------------------------------------------------------------------------- command line
 
 
+def run_cli(*args: str, module: str = "slr_jax.infer") -> subprocess.CompletedProcess:
+    """``python -m slr_jax.infer ARGS`` (the flags of ``python -m slr_jax.main``)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True,
+        text=True, timeout=600,
+    )  # fmt: skip
+
+
 def test_cli_on_a_folder_of_photographs(tmp_path, tiny_model):
-    """Checkpoint -> CLI -> PNGs; the saved probabilities equal a direct forward + flip."""
+    """Checkpoint -> CLI -> PNGs; the saved probabilities equal a direct forward + flip. The
+    settings come from the converted checkpoint's setting (configs/voc.py), overrides apply."""
     model, variables = tiny_model
     checkpoint = tmp_path / "ckpt"
     save_variables(checkpoint, variables, {**TINY_MODEL, "source": "test"})
@@ -358,12 +390,13 @@ def test_cli_on_a_folder_of_photographs(tmp_path, tiny_model):
         Image.fromarray(_photo(seed=i)).save(photos / f"photo{i}.png")
     (photos / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
-    summary = infer.main(
-        ["--checkpoint", str(checkpoint), "--images", str(photos), "--out", str(out)]
-        + ["--scales", "1", "--crf", "--save-probs", "--fp-cut", "0.1", "--top-k", "4"]
-        + ["--bucket-step", "0"]  # exact: compared with an unpadded forward below
-    )
-    assert summary["num_images"] == 2
+    proc = run_cli(
+        f"--checkpoint={checkpoint}", f"--images={photos}", f"--output={out}", "--save_scores",
+        "--config.test.scales=(1.0,)", "--config.test.use_crf=True",
+        "--config.test.fp_cut=0.1", "--config.test.top_k=4",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "wrote 2 predictions" in proc.stdout
     for i in range(2):
         for kind in ("pred", "crf"):
             with Image.open(out / kind / f"photo{i}.png") as png:
@@ -378,32 +411,33 @@ def test_cli_on_a_folder_of_photographs(tmp_path, tiny_model):
     )
     masks = (np.asarray(outputs["masks"][0]) + np.asarray(outputs["masks"][1])[:, ::-1]) / 2
     cls = np.asarray(outputs["cls"]).mean(0)
-    expected = infer.adjust_probabilities(cls, masks, fp_cut=0.1, top_k=4, bg_pow=3.0)
+    expected = infer.adjust_probabilities(cls, masks, settings_with(fp_cut=0.1, top_k=4))
     np.testing.assert_allclose(np.load(out / "probs" / "photo1.npy"), expected, atol=1e-5)
     with Image.open(out / "pred" / "photo1.png") as png:
         assert (np.array(png) == np.argmax(expected, -1)).mean() > 0.999
 
 
-def test_cli_parses_scales():
-    args = infer.build_parser().parse_args(
-        ["--checkpoint", "c", "--images", "a.jpg", "b.png", "--out", "o", "--scales", "1,0.5,1.5"]
-    )
-    assert args.scales == (1.0, 0.5, 1.5) and args.images == ["a.jpg", "b.png"]
-    assert (
-        infer.build_parser().parse_args(["--checkpoint", "c", "--images", "i", "--out", "o"]).scales
-        == infer.DEFAULT_SCALES
-    )
-
-
-def test_cli_errors(tmp_path):
-    with pytest.raises(infer.InferenceError, match="checkpoint folder .* does not exist"):
-        infer.main(["--checkpoint", str(tmp_path / "nope"), "--images", ".", "--out", "o"])
-    not_a_checkpoint = tmp_path / "empty_ckpt"
-    not_a_checkpoint.mkdir()
+def test_cli_errors_are_one_line(tmp_path):
     photo = tmp_path / "one.png"
     Image.fromarray(_photo()).save(photo)
-    with pytest.raises(CheckpointError, match="not a slr_jax variables checkpoint"):
-        infer.main(["--checkpoint", str(not_a_checkpoint), "--images", str(photo), "--out", "o"])
+    not_a_checkpoint = tmp_path / "empty_ckpt"
+    not_a_checkpoint.mkdir()
+    cases = [
+        ((f"--checkpoint={tmp_path / 'nope'}", f"--images={photo}", "--output=o"), "neither"),
+        ((f"--checkpoint={not_a_checkpoint}", f"--images={photo}", "--output=o"), "neither"),
+        (("--config=configs/voc.py", f"--checkpoint={tmp_path / 'nope'}", f"--images={photo}",
+          "--output=o"), "is not a folder"),
+        (("--config.test.scalez=(1.0,)",), "names no config key"),
+    ]  # fmt: skip
+    for args, message in cases:
+        proc = run_cli(*args)
+        assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_image_path_errors(tmp_path):
+    photo = tmp_path / "one.png"
+    Image.fromarray(_photo()).save(photo)
     empty = tmp_path / "no_images"
     empty.mkdir()
     with pytest.raises(infer.InferenceError, match="holds no images"):
@@ -419,46 +453,43 @@ def test_cli_errors(tmp_path):
     Image.fromarray(_photo()).save(other / "one.jpg")
     with pytest.raises(infer.InferenceError, match="would both write one.png"):
         infer.collect_image_paths([photo, other])
-    with pytest.raises(SystemExit):
-        infer.main(["--checkpoint", "c", "--images", "i", "--out", "o", "--scales", "1,-2"])
 
 
 def test_bad_inputs_have_clear_errors():
     variables = _fake_variables()
     cls, masks = _label_inputs()
     with pytest.raises(infer.InferenceError, match="needs image_uint8"):
-        infer.masks_to_labels(cls, masks, use_crf=True)
+        infer.masks_to_labels(cls, masks, settings_with(use_crf=True))
     with pytest.raises(infer.InferenceError, match="one \\(H, W, 3\\) RGB array"):
-        infer.multiscale_predict(fake_apply, variables, np.zeros((1, 8, 8, 3), np.uint8))
+        infer.multiscale_predict(
+            fake_apply, variables, np.zeros((1, 8, 8, 3), np.uint8), settings_with()
+        )
     with pytest.raises(infer.InferenceError, match="positive numbers"):
-        infer.multiscale_predict(fake_apply, variables, _photo(), scales=(1.0, 0.0))
+        infer.multiscale_predict(fake_apply, variables, _photo(), settings_with(scales=(1.0, 0.0)))
     with pytest.raises(infer.InferenceError, match="image_labels has 3 entries"):
-        infer.masks_to_labels(cls, masks, image_labels=np.ones(3))
-    with pytest.raises(infer.InferenceError, match="unknown config.test keys \\['scale'\\]"):
-        infer.inference_settings({"test": {"scale": (1.0,)}})
+        infer.masks_to_labels(cls, masks, settings_with(), image_labels=np.ones(3))
     with pytest.raises(infer.InferenceError, match="unknown CRF settings"):
-        infer.inference_settings({"test": {"crf": {"sxy": 3}}})
+        infer.inference_settings(settings_with(crf={"sxy": 3}))
     with pytest.raises(infer.InferenceError, match="cannot name an output file"):
         infer.export_pseudo_labels("/tmp", "../escape", np.zeros((2, 2), np.uint8))
     with pytest.raises(infer.InferenceError, match="shrinks a 3x3 image"):
-        infer.reference_scaled_size((3, 3), 0.1)
+        preprocess.reference_scaled_size((3, 3), 0.1)
     with pytest.raises(infer.InferenceError, match="not a multiple of the network's mask stride"):
-        infer.inference_settings({"test": {"bucket_step": 30}})
+        infer.inference_settings(settings_with(bucket_step=30))
     with pytest.raises(infer.InferenceError, match="integer >= 0"):
-        infer.multiscale_predict(fake_apply, variables, _photo(), bucket_step=-4)
+        infer.multiscale_predict(fake_apply, variables, _photo(), settings_with(bucket_step=-4))
     with pytest.raises(infer.InferenceError, match="bucket_pad='wrap'"):
-        infer.inference_settings({"test": {"bucket_pad": "wrap"}})
-    with pytest.raises(infer.InferenceError, match="resume must be True or False"):
-        infer.inference_settings({"test": {"resume": "yes"}})
-    with pytest.raises(infer.InferenceError, match="save_overlays must be True or False"):
-        infer.inference_settings({"test": {"save_overlays": 1}})
+        infer.inference_settings(settings_with(bucket_pad="wrap"))
+    for flag in ("resume", "save_overlays", "flip", "use_crf"):
+        with pytest.raises(infer.InferenceError, match=f"{flag} must be True or False"):
+            infer.inference_settings({**settings_with().to_dict(), flag: "yes"})
     with pytest.raises(infer.InferenceError, match="devices is empty"):
-        infer.inference_devices([], variables)
+        runner.inference_devices([], variables)
     with pytest.raises(infer.InferenceError, match="same \\(H, W\\)"):
         infer.overlay_image(_photo(), np.zeros((HEIGHT, WIDTH + 1), np.uint8))
     stride4_only = lambda v, x, mode: {"cls": x[:, 0, 0], "masks": x[:, ::4, ::4]}
     with pytest.raises(infer.InferenceError, match="needs class maps at the input size"):
-        infer.multiscale_predict(stride4_only, variables, _photo(), scales=(1.0,))
+        infer.multiscale_predict(stride4_only, variables, _photo(), settings_with(scales=(1.0,)))
 
 
 # ----------------------------------------------------------------------------- size buckets
@@ -491,19 +522,20 @@ STRIDED_FAKE = make_strided_fake()  # shared, so its compilations are reused acr
 
 
 def test_bucket_sizes_and_padding():
-    assert [infer.bucket_size(n, 64) for n in (1, 40, 64, 65, 66, 129, 130)] == [
+    assert [preprocess.bucket_size(n, 64) for n in (1, 40, 64, 65, 66, 129, 130)] == [
         65, 65, 65, 65, 129, 129, 193,
     ]  # fmt: skip
-    assert infer.bucket_size(41, 0) == 41
-    assert all(infer.bucket_size(n, 32) % 4 == 1 for n in range(1, 200))
+    assert preprocess.bucket_size(41, 0) == 41
+    assert all(preprocess.bucket_size(n, 32) % 4 == 1 for n in range(1, 200))
     view = infer.normalise_image(_photo(seed=2))
-    for mode in infer.BUCKET_PAD_MODES:
-        padded = infer.pad_view(view, (65, 129), mode)
+    for mode in preprocess.BUCKET_PAD_MODES:
+        padded = preprocess.pad_view(view, (65, 129), mode)
         assert padded.shape == (65, 129, 3)
         np.testing.assert_array_equal(padded[:HEIGHT, :WIDTH], view)
-    assert (infer.pad_view(view, (65, 65), "constant")[HEIGHT:] == 0).all()
-    np.testing.assert_array_equal(infer.pad_view(view, (65, 65), "edge")[-1, :WIDTH], view[-1])
-    assert infer.pad_view(view, (HEIGHT, WIDTH)) is view
+    assert (preprocess.pad_view(view, (65, 65), "constant")[HEIGHT:] == 0).all()
+    edge = preprocess.pad_view(view, (65, 65), "edge")
+    np.testing.assert_array_equal(edge[-1, :WIDTH], view[-1])
+    assert preprocess.pad_view(view, (HEIGHT, WIDTH), "constant") is view
 
 
 @pytest.mark.parametrize("pad", ["constant", "edge"])
@@ -516,10 +548,11 @@ def test_buckets_never_crop_the_prediction(pad):
     for i, (height, width) in enumerate([(40, 50), (66, 63), (23, 97)]):
         # Noise, so padding (even edge replication) differs from the pixels 4 px inside.
         image = np.random.RandomState(i).randint(0, 256, (height, width, 3)).astype(np.uint8)
-        exact_cls, exact = infer.multiscale_predict(apply, variables, image, scales=scales)
-        cls, masks = infer.multiscale_predict(
-            apply, variables, image, scales=scales, bucket_step=64, bucket_pad=pad
+        exact_cls, exact = infer.multiscale_predict(
+            apply, variables, image, settings_with(scales=scales)
         )
+        bucketed = settings_with(scales=scales, bucket_step=64, bucket_pad=pad)
+        cls, masks = infer.multiscale_predict(apply, variables, image, bucketed)
         assert masks.shape == exact.shape == (height, width, NUM_CLASSES)
         np.testing.assert_allclose(masks, exact, atol=2e-6)
         np.testing.assert_allclose(cls, exact_cls, rtol=1e-6, atol=1e-6)
@@ -527,7 +560,7 @@ def test_buckets_never_crop_the_prediction(pad):
     # Control: cropping the padded forward at full resolution (after its upsampling) instead
     # of on the stride-4 grid would be wrong here (shifted grid, padded neighbours).
     view = infer.normalise_image(image)
-    naive = apply(variables, jnp.asarray(infer.pad_view(view, (65, 129), pad)[None]))
+    naive = apply(variables, jnp.asarray(preprocess.pad_view(view, (65, 129), pad)[None]))
     plain = apply(variables, jnp.asarray(view[None]))
     assert np.abs(naive["masks"][0, :23, :97] - plain["masks"][0]).max() > 0.01
 
@@ -538,14 +571,16 @@ def test_images_in_one_bucket_share_one_compilation():
     apply = make_strided_fake(traces)
     images = [_photo(40, 50, seed=1), _photo(47, 61, seed=2), _photo(33, 64, seed=3)]
     for image in images:  # views 40x50, 47x61, 33x64 and the image buckets: all 65 x 65
-        infer.multiscale_predict(apply, variables, image, scales=(1.0,), bucket_step=64)
+        infer.multiscale_predict(
+            apply, variables, image, settings_with(scales=(1.0,), bucket_step=64)
+        )
     assert len(traces) == 1 and traces[0] == (2, 65, 65, 3)
-    assert infer._network_fn(apply, "test", infer.MASK_STRIDE)._cache_size() == 1
+    assert predict._network_fn(apply, "test", constants.MASK_STRIDE)._cache_size() == 1
     # Without buckets every size compiles anew (what the buckets avoid).
     unbucketed = []
     apply_exact = make_strided_fake(unbucketed)
     for image in images:
-        infer.multiscale_predict(apply_exact, variables, image, scales=(1.0,))
+        infer.multiscale_predict(apply_exact, variables, image, settings_with(scales=(1.0,)))
     assert len(unbucketed) == 3
 
 
@@ -566,21 +601,25 @@ def test_tiny_model_buckets(tiny_model):
     equal the network's own."""
     model, variables = tiny_model
     variables = _tamed(variables)
-    settings = dict(scales=(1.0,), bucket_step=64, rescore=True)
-    forward = infer._network_fn(model.apply, "test", infer.MASK_STRIDE, True)
-    infer.multiscale_predict(model.apply, variables, _photo(40, 50), **settings)
+    settings = settings_with(scales=(1.0,), bucket_step=64)
+    forward = predict._network_fn(model.apply, "test", constants.MASK_STRIDE, True)
+    predict_bucketed = lambda image: infer.multiscale_predict(
+        model.apply, variables, image, settings, rescore=True
+    )
+    predict_bucketed(_photo(40, 50))
     compiled = forward._cache_size()
-    _, masks = infer.multiscale_predict(model.apply, variables, _photo(57, 44, seed=1), **settings)
+    _, masks = predict_bucketed(_photo(57, 44, seed=1))
     assert forward._cache_size() == compiled and masks.shape == (57, 44, 21)
 
     image = _photo(65, 65, seed=2)
-    exact_cls, exact = infer.multiscale_predict(model.apply, variables, image, scales=(1.0,))
+    unpadded = settings_with(scales=(1.0,))
+    exact_cls, exact = infer.multiscale_predict(model.apply, variables, image, unpadded)
     assert exact.min() < 1e-3 and exact.max() > 0.5  # informative masks, not saturated
-    cls, masks = infer.multiscale_predict(model.apply, variables, image, **settings)
+    cls, masks = predict_bucketed(image)
     np.testing.assert_allclose(masks, exact, rtol=0, atol=1e-6)
     np.testing.assert_allclose(cls, exact_cls, rtol=1e-5, atol=1e-6)
     with pytest.raises(infer.InferenceError, match="rescore needs buckets"):
-        infer.multiscale_predict(model.apply, variables, image, scales=(1.0,), rescore=True)
+        infer.multiscale_predict(model.apply, variables, image, unpadded, rescore=True)
 
 
 # ----------------------------------------------------------------------------- restart
@@ -600,11 +639,11 @@ def test_restart_skips_finished_images(tmp_path, tiny_model, monkeypatch):
     model, variables = tiny_model
     variables = _tamed(variables)
     calls = []
-    predict = infer.multiscale_predict_async
+    original = runner.multiscale_predict_async
     monkeypatch.setattr(
-        infer, "multiscale_predict_async", lambda *a, **k: calls.append(1) or predict(*a, **k)
+        runner, "multiscale_predict_async", lambda *a, **k: calls.append(1) or original(*a, **k)
     )
-    cfg = {"model": TINY_MODEL, "test": {"scales": (1.0, 0.5), "fp_cut": 0.05, "top_k": 3}}
+    cfg = config_for(TINY_MODEL, scales=(1.0, 0.5), fp_cut=0.05, top_k=3)
     examples = _synthetic_examples()
     lines = []
     first = infer.run_inference(
@@ -635,7 +674,7 @@ def test_restart_skips_finished_images(tmp_path, tiny_model, monkeypatch):
     np.testing.assert_array_equal(third["confusions"]["pred"], first["confusions"]["pred"])
 
     # Other settings, other variables or resume=False: everything is predicted again.
-    other = {"model": TINY_MODEL, "test": {**cfg["test"], "fp_cut": 0.5}}
+    other = config_for(TINY_MODEL, scales=(1.0, 0.5), fp_cut=0.5, top_k=3)
     infer.run_inference(other, variables, examples, tmp_path, apply_fn=model.apply)
     assert len(calls) == 8
     nudged = jax.tree_util.tree_map(lambda x: x, variables)
@@ -644,7 +683,7 @@ def test_restart_skips_finished_images(tmp_path, tiny_model, monkeypatch):
     )
     infer.run_inference(other, nudged, examples, tmp_path, apply_fn=model.apply)
     assert len(calls) == 11
-    fresh = {"model": TINY_MODEL, "test": {**other["test"], "resume": False}}
+    fresh = config_for(TINY_MODEL, scales=(1.0, 0.5), fp_cut=0.5, top_k=3, resume=False)
     infer.run_inference(fresh, nudged, examples, tmp_path, apply_fn=model.apply)
     assert len(calls) == 14
 
@@ -654,45 +693,46 @@ def test_finished_outputs_checks_key_size_and_scores(tmp_path):
     probs = np.random.RandomState(0).rand(12, 9, 5).astype(np.float32)
     infer.export_pseudo_labels(tmp_path, "a", labels, probs=probs, key="k1")
     check = dict(use_crf=False, save_probs=True)
-    found = infer.finished_outputs(tmp_path, "a", "k1", (12, 9), 5, **check)
+    found = export.finished_outputs(tmp_path, "a", "k1", (12, 9), 5, **check)
     np.testing.assert_array_equal(found["pred"], labels)
-    assert infer.finished_outputs(tmp_path, "a", "k2", (12, 9), 5, **check) is None
-    assert infer.finished_outputs(tmp_path, "a", "k1", (12, 10), 5, **check) is None
+    assert export.finished_outputs(tmp_path, "a", "k2", (12, 9), 5, **check) is None
+    assert export.finished_outputs(tmp_path, "a", "k1", (12, 10), 5, **check) is None
     assert (
-        infer.finished_outputs(tmp_path, "a", "k1", (12, 9), 5, use_crf=True, save_probs=True)
+        export.finished_outputs(tmp_path, "a", "k1", (12, 9), 5, use_crf=True, save_probs=True)
         is None
     )
     # Rewritten without scores: the old .npy goes, so it cannot pass for this run's scores.
     infer.export_pseudo_labels(tmp_path, "a", labels, key="k3")
     assert not (tmp_path / "probs" / "a.npy").exists()
-    assert infer.finished_outputs(tmp_path, "a", "k3", (12, 9), 5, **check) is None
-    assert infer.finished_outputs(tmp_path, "a", "k3", (12, 9), 5, use_crf=False, save_probs=False)
+    assert export.finished_outputs(tmp_path, "a", "k3", (12, 9), 5, **check) is None
+    assert export.finished_outputs(tmp_path, "a", "k3", (12, 9), 5, use_crf=False, save_probs=False)
     assert not list(tmp_path.rglob("*.tmp"))
 
 
 def test_restart_keys_follow_settings_variables_and_image():
-    settings = infer.inference_settings({})
+    settings = infer.inference_settings(settings_with())
     variables = _fake_variables()
-    key = infer.run_key(settings, TINY_MODEL, variables, fake_apply)
+    key = export.run_key(settings, TINY_MODEL, variables, fake_apply)
     as_jax = jax.tree_util.tree_map(jnp.asarray, variables)
-    assert infer.run_key(settings, TINY_MODEL, as_jax, fake_apply) == key
-    assert infer.run_key({**settings, "resume": False}, TINY_MODEL, variables, fake_apply) == key
+    assert export.run_key(settings, TINY_MODEL, as_jax, fake_apply) == key
+    assert export.run_key({**settings, "resume": False}, TINY_MODEL, variables, fake_apply) == key
     others = [
-        infer.run_key({**settings, "bg_pow": 1.0}, TINY_MODEL, variables, fake_apply),
-        infer.run_key({**settings, "bucket_step": 0}, TINY_MODEL, variables, fake_apply),
-        infer.run_key(settings, {**TINY_MODEL, "width": 0.125}, variables, fake_apply),
-        infer.run_key(settings, TINY_MODEL, _fake_variables(1), fake_apply),
+        export.run_key({**settings, "bg_pow": 1.0}, TINY_MODEL, variables, fake_apply),
+        export.run_key({**settings, "bucket_step": 64}, TINY_MODEL, variables, fake_apply),
+        export.run_key(settings, {**TINY_MODEL, "width": 0.125}, variables, fake_apply),
+        export.run_key(settings, TINY_MODEL, _fake_variables(1), fake_apply),
     ]
     assert len({key, *others}) == 5
     image = _photo()
     changed = image.copy()
     changed[0, 0, 0] ^= 1
     keys = {
-        infer.image_key(key, image, None),
-        infer.image_key(key, changed, None),
-        infer.image_key(key, image, np.ones(4, np.float32)),
+        export.image_key(key, image, None),
+        export.image_key(key, changed, None),
+        export.image_key(key, image, np.ones(4, np.float32)),
     }
-    assert len(keys) == 3 and infer.image_key(key, image, None) == infer.image_key(key, image, None)
+    same = export.image_key(key, image, None) == export.image_key(key, image, None)
+    assert len(keys) == 3 and same
 
 
 def test_converted_reference_checkpoint_on_photographs(reference_repo, tmp_path, capsys):
@@ -717,16 +757,15 @@ def test_converted_reference_checkpoint_on_photographs(reference_repo, tmp_path,
             photos / f"{name}.png"
         )
     out = tmp_path / "out"
-    args = ["--checkpoint", str(checkpoint), "--images", str(photos), "--out", str(out)]
-    summary = infer.main(args + ["--scales", "1,0.5", "--save-probs", "--bucket-step", "0"])
-    assert summary["num_images"] == 2
+    proc = run_cli(
+        f"--checkpoint={checkpoint}", f"--images={photos}", f"--output={out}", "--save_scores",
+        "--config.test.scales=(1.0, 0.5)",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("astronaut", "coffee"):
         photo = np.asarray(Image.open(photos / f"{name}.png"))
         cls, masks = parity.reference_multiscale_predict(net, photo, (1.0, 0.5))
-        expected = infer.adjust_probabilities(
-            cls, masks, fp_cut=infer.DEFAULT_TEST["fp_cut"], top_k=infer.DEFAULT_TEST["top_k"],
-            bg_pow=infer.DEFAULT_TEST["bg_pow"],
-        )  # fmt: skip
+        expected = infer.adjust_probabilities(cls, masks, settings_with())
         probs = np.load(out / "probs" / f"{name}.npy")
         assert probs.shape == photo.shape[:2] + (21,)
         np.testing.assert_allclose(probs, expected, atol=2e-5)
@@ -740,13 +779,13 @@ def test_converted_reference_checkpoint_on_photographs(reference_repo, tmp_path,
 def test_overlay_blend_formula():
     image = np.array([[[10, 20, 30], [200, 100, 0]], [[255, 255, 255], [0, 0, 0]]], np.uint8)
     labels = np.array([[1, 0], [15, 255]], np.uint8)
-    blended = infer.blend_labels(image, labels)
+    blended = export.blend_labels(image, labels)
     # VOC colours: 1 (128, 0, 0), 0 black, 15 (192, 128, 128), 255 (224, 224, 192).
     expected = [[[69, 10, 15], [100, 50, 0]], [[224, 192, 192], [112, 112, 96]]]
     np.testing.assert_array_equal(blended, expected)
-    palette = np.asarray(infer.voc_palette()).reshape(256, 3)
+    palette = np.asarray(constants.voc_palette()).reshape(256, 3)
     np.testing.assert_array_equal(
-        infer.blend_labels(image, labels, alpha=0.25),
+        export.blend_labels(image, labels, alpha=0.25),
         np.round(0.75 * image + 0.25 * palette[labels]).astype(np.uint8),
     )
     side_by_side = infer.overlay_image(image, labels, ground_truth=np.zeros((2, 2), np.int32))
@@ -762,17 +801,17 @@ def test_run_inference_saves_overlays(tmp_path):
     gt[:, :25] = 0
     gt[5:15, 30:45] = 3
     examples = [{"name": "a", "image": with_gt, "mask": gt}, {"name": "b", "image": without_gt}]
-    test = {"scales": (1.0,), "fp_cut": 0.0, "top_k": 4, "bg_pow": 1.0, "bucket_step": 0}
-    cfg = {"model": {"variant": "wsss", "num_classes": NUM_CLASSES}, "test": test}
-    overlays = {"model": cfg["model"], "test": {**test, "save_overlays": True}}
+    test = dict(scales=(1.0,), fp_cut=0.0, top_k=4, bg_pow=1.0)
+    cfg = config_for(FAKE_MODEL, **test)
+    overlays = config_for(FAKE_MODEL, **test, save_overlays=True)
     infer.run_inference(overlays, variables, examples, tmp_path, apply_fn=fake_apply)
     with Image.open(tmp_path / "pred" / "a.png") as png:
         pred_a = np.array(png)
     with Image.open(tmp_path / "overlay" / "a.png") as png:
         assert png.mode == "RGB" and png.size == (2 * WIDTH, HEIGHT)
         overlay_a = np.array(png)
-    np.testing.assert_array_equal(overlay_a[:, :WIDTH], infer.blend_labels(with_gt, pred_a))
-    np.testing.assert_array_equal(overlay_a[:, WIDTH:], infer.blend_labels(with_gt, gt))
+    np.testing.assert_array_equal(overlay_a[:, :WIDTH], export.blend_labels(with_gt, pred_a))
+    np.testing.assert_array_equal(overlay_a[:, WIDTH:], export.blend_labels(with_gt, gt))
     with Image.open(tmp_path / "overlay" / "b.png") as png:
         assert png.size == (20, 30)  # no ground truth: the prediction blend alone
 
@@ -789,15 +828,9 @@ def test_run_inference_saves_overlays(tmp_path):
         and (tmp_path / "overlay" / "b.png").exists()
     )
     # Predicted again without overlays: the now stale overlays are removed.
-    fresh = {"model": cfg["model"], "test": {**test, "resume": False}}
+    fresh = config_for(FAKE_MODEL, **test, resume=False)
     infer.run_inference(fresh, variables, examples, tmp_path, apply_fn=fake_apply)
     assert not list((tmp_path / "overlay").iterdir())
-    args = infer.build_parser().parse_args(["--checkpoint", "c", "--images", "i", "--out", "o"])
-    assert not args.save_overlays
-    args = infer.build_parser().parse_args(
-        ["--checkpoint", "c", "--images", "i", "--out", "o", "--save-overlays"]
-    )
-    assert args.save_overlays
 
 
 # ----------------------------------------------------------------------------- devices
@@ -813,6 +846,7 @@ def test_inference_is_data_parallel_over_local_devices(tmp_path, tiny_model):
         f"""
         import json, sys
         import jax
+        from configs import common
         from slr_jax import infer
         from slr_jax.checkpoint import load_variables
         from slr_jax.data.synthetic import make_synthetic_example
@@ -821,15 +855,15 @@ def test_inference_is_data_parallel_over_local_devices(tmp_path, tiny_model):
         devices = jax.local_devices()
         assert len(devices) == 2, devices
         variables, _ = load_variables({str(checkpoint)!r})
-        apply = build_model({TINY_MODEL!r}).apply
+        cfg = common.get_config()
+        cfg.model.update({TINY_MODEL!r})
+        cfg.test.update(scales=(1.0, 0.5), fp_cut=0.05, top_k=3)
+        apply = build_model(cfg.model).apply
         sizes = [(40, 50), (44, 57), (52, 48), (36, 60)]
         examples = [
             {{k: ex[k] for k in ("name", "image", "mask")}}
             for ex in (make_synthetic_example(i, s, 21, 5) for i, s in enumerate(sizes))
         ]
-        # scales 1 and 0.5 of these sizes all fall in the 65 x 65 bucket: one program
-        cfg = {{"model": {TINY_MODEL!r},
-               "test": {{"scales": (1.0, 0.5), "fp_cut": 0.05, "top_k": 3}}}}
         out = {{}}
         for name, use in (("one", devices[:1]), ("two", None), ("again", None)):
             folder = {str(tmp_path)!r} + "/" + ("two" if name == "again" else name)

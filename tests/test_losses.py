@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from configs import common
 from slr_jax.losses import (
     balanced_cross_entropy,
     coco_pseudo_label_masks,
@@ -432,11 +433,8 @@ TERMS = ("cls", "mask_consistency", "code_consistency", "seg")
 
 def loss_config(variant: str) -> ml_collections.ConfigDict:
     """Reference settings per variant; PAMR shortened (it is tested on its own in test_pamr)."""
-    cfg = dict(
-        loss_coeff=(1.0, 4.0, 4.0, 1.0), aux_weight=0.4, pamr_iters=3, pamr_dilations=(1, 2),
-        cutoff_top=0.6, cutoff_low=0.2, bg_scale=0.7, pamr_bg_pow=3.0, pos_weight=1.0,
-        class_weights=(),
-    )  # fmt: skip
+    cfg = common.get_config().loss
+    cfg.update(pamr_iters=3, pamr_dilations=(1, 2))
     if variant == "semi_wo_cls":
         cfg.update(cutoff_top=0.8, cutoff_low=0.6, bg_scale=0.9)
     if variant == "coco":
@@ -444,7 +442,7 @@ def loss_config(variant: str) -> ml_collections.ConfigDict:
         # pixel would be background at 0.1 and every image would get CE weight 0.
         cfg.update(cutoff_top=0.5, cutoff_low=0.3, pos_weight=10.0)
         cfg.update(class_weights=(0.06, 0.94, 1.3, 2.6))
-    return ml_collections.ConfigDict(cfg)
+    return cfg
 
 
 def random_variables(shapes, seed=0):
@@ -495,9 +493,9 @@ class TinyModel:
     """
 
     def __init__(self):
-        self.model = build_model(
-            ml_collections.ConfigDict(dict(width=WIDTH, num_classes=NUM_CLASSES))
-        )
+        model_cfg = common.get_config().model
+        model_cfg.update(width=WIDTH, num_classes=NUM_CLASSES)
+        self.model = build_model(model_cfg)
         variables = random_variables(variable_shapes(self.model))
         self.head = {k: v for k, v in variables["params"].items() if k in HEAD}
         self.rest = {k: v for k, v in variables["params"].items() if k not in HEAD}

@@ -14,14 +14,14 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from absl.testing import parameterized
 from flax import traverse_util
 
+from configs import common
 from slr_jax.convert import flax_to_torch
-from slr_jax.models import MODES, SLRNet, build_model, init_variables, variable_shapes
+from slr_jax.models import MODES, SLRNet, build_model, variable_shapes
 from slr_jax.models.backbone import BottleneckBlock, ResBlock, WideResNet38
 from slr_jax.models.heads import (
     ASPP,
@@ -35,6 +35,14 @@ from slr_jax.models.heads import (
     with_background,
 )
 from slr_jax.models.lowrank import FactorizationReconstruction, initial_dictionary
+
+
+def model_config(**overrides):
+    """``config.model`` of configs/common.py with ``overrides``."""
+    cfg = common.get_config().model
+    cfg.update(overrides)
+    return cfg
+
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -215,9 +223,9 @@ def test_zero_init_residual_starts_each_block_as_its_shortcut():
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )  # fmt: skip
     np.testing.assert_allclose(np.asarray(out), np.asarray(shortcut), rtol=1e-6, atol=1e-6)
-    # The whole model: exactly the last convolution of every backbone branch starts at zero.
-    cfg = ml_collections.ConfigDict(dict(num_classes=21, width=WIDTH, zero_init_residual=True))
-    params = init_variables(build_model(cfg), jax.random.key(0))["params"]["backbone"]
+    # The whole backbone: exactly the last convolution of every branch starts at zero.
+    backbone = WideResNet38(WIDTH, zero_init_residual=True)
+    params = backbone.init(jax.random.key(0), _images(), False)["params"]
     for name, leaves in params.items():
         for conv_name, leaf in leaves.items():
             if not isinstance(leaf, dict) or "kernel" not in leaf:
@@ -226,17 +234,15 @@ def test_zero_init_residual_starts_each_block_as_its_shortcut():
             assert np.any(np.asarray(leaf["kernel"])) != last, (name, conv_name)
 
 
-def test_slrnet_train_backbone_norm_updates_backbone_statistics():
-    cfg = ml_collections.ConfigDict(dict(num_classes=21, width=WIDTH, train_backbone_norm=True))
-    model = build_model(cfg)
-    assert model.train_backbone_norm
-    variables = fill_random(variable_shapes(model), 0)
-    _, updates = model.apply(
-        variables, _images(), mode="train", train=True, rngs={"dropout": jax.random.key(0)},
-        mutable=["batch_stats"],
-    )  # fmt: skip
-    old = _bn_leaves(variables["batch_stats"]["backbone"])
-    new = _bn_leaves(updates["batch_stats"]["backbone"])
+def test_backbone_with_batch_statistics_updates_its_running_statistics():
+    backbone = WideResNet38(WIDTH, batch_norm_stats=True)
+    shapes = jax.eval_shape(lambda k: backbone.init(k, _images(), False), jax.random.key(0))
+    variables = fill_random(shapes, 0)
+    _, updates = backbone.apply(
+        variables, _images(), True, rngs={"dropout": jax.random.key(0)}, mutable=["batch_stats"]
+    )
+    old = _bn_leaves(variables["batch_stats"])
+    new = _bn_leaves(updates["batch_stats"])
     assert set(old) == set(new)
     for name, value in old.items():
         assert not np.array_equal(value, new[name]), f"backbone {name} did not update"
@@ -789,7 +795,7 @@ def test_bfloat16_model_close_to_float32():
     """
     _, variables = small_model_and_variables("wsss")
     images = _images(seed=5)
-    model16 = build_model(ml_collections.ConfigDict(dict(width=WIDTH, dtype="bfloat16")))
+    model16 = build_model(model_config(width=WIDTH, dtype="bfloat16"))
     out16 = jax.jit(lambda v, x: model16.apply(v, x, mode="test"))(variables, images)
     out32 = _jitted_apply("wsss", "test", False)(variables, images)
     assert out16["masks"].dtype == jnp.float32 and out16["cls"].dtype == jnp.float32
@@ -805,10 +811,9 @@ def test_bfloat16_model_close_to_float32():
 
 
 def test_build_model_from_config_dict():
-    cfg = ml_collections.ConfigDict(
-        dict(variant="coco", num_classes=81, width=WIDTH, num_iters=3, temperature=0.5,
-             scale_factor=0.5, dtype="float32", remat=True)
-    )  # fmt: skip
+    cfg = model_config(
+        variant="coco", num_classes=81, width=WIDTH, num_iters=3, temperature=0.5, remat=True
+    )
     model = build_model(cfg)
     assert (model.variant, model.num_classes, model.num_iters) == ("coco", 81, 3)
     assert model.width == WIDTH
@@ -851,13 +856,12 @@ def test_without_low_rank_module_features_pass_through():
     np.testing.assert_allclose(
         train["dictionary"], full.apply(variables, images, method=dictionary_init), atol=1e-6
     )
-    cfg = ml_collections.ConfigDict(dict(variant="wsss", width=WIDTH, use_low_rank=False))
-    assert build_model(cfg).use_low_rank is False
+    assert build_model(model_config(width=WIDTH, use_low_rank=False)).use_low_rank is False
 
 
 def test_clear_errors_for_bad_configuration_and_input():
-    with pytest.raises(ValueError, match="model.dtype must be 'float32' or 'bfloat16'"):
-        build_model(ml_collections.ConfigDict(dict(dtype="float16")))
+    with pytest.raises(ValueError, match=r"model.dtype must be one of \('float32', 'bfloat16'"):
+        build_model(model_config(dtype="float16"))
     model, variables = small_model_and_variables("wsss")
     images = _images(1, (33, 33))
     bad_variant = SLRNet(variant="wss", width=WIDTH)

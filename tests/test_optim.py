@@ -9,11 +9,28 @@ import numpy as np
 import optax
 import pytest
 
+from configs import common
 from slr_jax import optim
 
 torch = pytest.importorskip("torch")
 
 TRAINABLE = optim.TRAINABLE_GROUPS
+
+
+def train_config(**overrides):
+    """``config.train`` of configs/common.py with ``overrides``."""
+    cfg = common.get_config().train
+    cfg.update(overrides)
+    return cfg
+
+
+def reference_schedule(base_lr, num_epochs, pretrain_epochs, steps_per_epoch):
+    """The lr schedule the trainer builds for these epochs (``train.StepPlan``)."""
+    pretrain_steps, decay_steps = optim.reference_schedule_steps(
+        num_epochs, pretrain_epochs, steps_per_epoch
+    )
+    total_steps = num_epochs * steps_per_epoch
+    return optim.learning_rate_schedule(base_lr, pretrain_steps, total_steps, decay_steps)
 
 
 def _fake_params(rng: np.random.Generator, dtype=np.float32) -> dict:
@@ -149,13 +166,7 @@ def _reference_lrs(base_lr, num_epochs, pretrain_epochs, steps_per_epoch):
 def test_schedule_matches_torch_reference_loop(num_epochs, pretrain_epochs, steps_per_epoch):
     base_lr = 5e-4
     want = _reference_lrs(base_lr, num_epochs, pretrain_epochs, steps_per_epoch)
-    cfg = {
-        "lr": base_lr,
-        "num_epochs": num_epochs,
-        "pretrain_epochs": pretrain_epochs,
-        "total_steps": num_epochs * steps_per_epoch,
-    }
-    schedule = optim.make_learning_rate_fn(cfg)
+    schedule = reference_schedule(base_lr, num_epochs, pretrain_epochs, steps_per_epoch)
     got = np.asarray([schedule(t) for t in range(len(want))], np.float64)
     err = np.max(np.abs(got - want)) / base_lr
     assert err < 1e-6, f"max |lr_jax - lr_torch| / base_lr = {err:.3g}"
@@ -211,15 +222,9 @@ def _compare_with_torch_sgd(dtype, tolerance):
     params = _fake_params(rng, dtype)
     num_epochs, pretrain_epochs, steps_per_epoch = 5, 1, 6
     base_lr, weight_decay = 0.02, 5e-4
-    cfg = {
-        "lr": base_lr,
-        "num_epochs": num_epochs,
-        "pretrain_epochs": pretrain_epochs,
-        "total_steps": num_epochs * steps_per_epoch,
-        "weight_decay": weight_decay,
-        "momentum": 0.9,
-        "lr_multipliers": (1.0, 2.0, 10.0, 20.0),
-    }
+    cfg = train_config(
+        weight_decay=weight_decay, momentum=0.9, lr_multipliers=(1.0, 2.0, 10.0, 20.0)
+    )
     num_steps = num_epochs * steps_per_epoch
     flat = _flat(params)
     grads_per_step = [
@@ -231,7 +236,8 @@ def _compare_with_torch_sgd(dtype, tolerance):
         params, grads_per_step, base_lr, cfg["lr_multipliers"], weight_decay, lambda s: ref_lrs[s]
     )
 
-    tx = optim.make_optimizer(cfg, params)
+    schedule = reference_schedule(base_lr, num_epochs, pretrain_epochs, steps_per_epoch)
+    tx = optim.make_optimizer(cfg, schedule, params)
     treedef = jax.tree_util.tree_structure(params)
     keys = list(_flat(params))  # same leaf order as tree_flatten
     state = tx.init(params)
@@ -278,35 +284,9 @@ def test_wrong_decay_or_multipliers_are_detected():
     assert np.max(np.abs(base[key] - no_decay[key])) > 1e-5
 
 
-def test_from_scratch_options_unfreeze_stem_and_backbone_norm():
-    params = _fake_params(np.random.default_rng(5))
-    stem = {k for k in FAKE_EXPECTED if k[1] in optim.FROZEN_BACKBONE_BLOCKS}
-    norm = {k for k in FAKE_EXPECTED if k[0] == "backbone" and k[-2].startswith("bn")}
-    expected = dict(FAKE_EXPECTED)
-    for k in stem | norm:
-        expected[k] = "backbone_bias" if k[-1] == "bias" else "backbone_weight"
-    labels = optim.param_group_labels(params, freeze_stem=False, freeze_backbone_norm=False)
-    assert _flat(labels) == expected and "frozen" not in _flat(labels).values()
-    # Each switch alone: the stem's BatchNorm stays frozen with the norm switch off.
-    only_stem = _flat(optim.param_group_labels(params, freeze_stem=False))
-    assert only_stem[("backbone", "conv1a", "kernel")] == "backbone_weight"
-    assert only_stem[("backbone", "b2", "bn_branch2a", "scale")] == "frozen"
-    only_norm = _flat(optim.param_group_labels(params, freeze_backbone_norm=False))
-    assert only_norm[("backbone", "bn7", "scale")] == "backbone_weight"
-    assert only_norm[("backbone", "conv1a", "kernel")] == "frozen"
-    # Through make_optimizer: config.train.freeze_stem and the model's train_backbone_norm.
-    cfg = {"lr": 1.0, "num_epochs": 2, "pretrain_epochs": 0, "total_steps": 4,
-           "freeze_stem": False}  # fmt: skip
-    tx = optim.make_optimizer(cfg, params, train_backbone_norm=True)
-    grads = jax.tree_util.tree_map(lambda x: jnp.full_like(x, 7.0), params)
-    updates, _ = tx.update(grads, tx.init(params), params)
-    assert all(np.all(np.asarray(u) != 0) for u in _flat(updates).values())
-
-
 def test_frozen_leaves_get_zero_updates_and_no_state():
     params = _fake_params(np.random.default_rng(3))
-    cfg = {"lr": 1.0, "num_epochs": 2, "pretrain_epochs": 0, "total_steps": 4}
-    tx = optim.make_optimizer(cfg, params)
+    tx = optim.make_optimizer(train_config(), 1.0, params)
     state = tx.init(params)
     grads = jax.tree_util.tree_map(lambda x: jnp.full_like(x, 7.0), params)
     updates, _ = tx.update(grads, state, params)
@@ -325,12 +305,11 @@ def test_bad_inputs_raise_clear_errors():
     params = _fake_params(np.random.default_rng(4))
     with pytest.raises(ValueError, match=r"pass variables\['params'\]"):
         optim.param_group_labels({"params": params, "batch_stats": {}})
-    cfg = {"lr": 0.1, "num_epochs": 2, "pretrain_epochs": 0, "total_steps": 4}
     with pytest.raises(ValueError, match="lr_multipliers needs 4 values"):
-        optim.make_optimizer({**cfg, "lr_multipliers": (1.0, 10.0)}, params)
+        optim.make_optimizer(train_config(lr_multipliers=(1.0, 10.0)), 0.1, params)
     with pytest.raises(ValueError, match="pretrain_epochs < num_epochs"):
-        optim.make_optimizer({**cfg, "pretrain_epochs": 2}, params)
+        optim.reference_schedule_steps(num_epochs=2, pretrain_epochs=2, steps_per_epoch=2)
     with pytest.raises(ValueError, match="cosine phase needs at least one step"):
         optim.learning_rate_schedule(0.1, pretrain_steps=10, total_steps=10)
-    with pytest.raises(ValueError, match="Cannot derive steps_per_epoch"):
-        optim.make_optimizer({"lr": 0.1, "num_epochs": 2}, params)
+    with pytest.raises(ValueError, match="Nesterov momentum needs"):
+        optim.make_optimizer(train_config(momentum=0.0), 0.1, params)

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from configs import demo  # noqa: E402
-from slr_jax import pretrain, train  # noqa: E402
+from slr_jax import checkpoint, pretrain, sharding, train  # noqa: E402
 from slr_jax.checkpoint import load_variables  # noqa: E402
 from slr_jax.data.synthetic import make_synthetic_examples  # noqa: E402
 from slr_jax.models import build_model, init_variables  # noqa: E402
@@ -53,7 +53,7 @@ def pretrained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pretrain")
     config = small_config(tmp)
     path = pretrain.pretrain_backbone(
-        config, str(tmp / "workdir"), train.make_mesh(), batches=fixed_batches()
+        config, str(tmp / "workdir"), sharding.make_mesh(), batches=fixed_batches()
     )
     return config, tmp / "workdir", Path(path)
 
@@ -71,12 +71,12 @@ def test_the_classifier_fits_the_image_labels(pretrained):
 def test_the_checkpoint_is_a_backbone_only_start(pretrained, tmp_path):
     config, _, path = pretrained
     saved, metadata = load_variables(path)
-    assert metadata["source"] == pretrain.SOURCE
+    assert metadata["source"] == checkpoint.IMAGE_LABEL_BACKBONE
     assert metadata["pretrain"]["steps"] == STEPS
     assert set(saved["params"]) == {"backbone"} and set(saved["batch_stats"]) == {"backbone"}
     model = build_model(config.model)
     start = init_variables(model, jax.random.key(0))
-    merged = train.load_initial_weights(start, str(path))
+    merged = checkpoint.load_initial_weights(start, str(path))
     for collection in ("params", "batch_stats"):
         same = jax.tree_util.tree_map(
             np.array_equal, merged[collection]["backbone"], saved[collection]["backbone"]
@@ -100,12 +100,12 @@ def test_a_restart_reuses_the_checkpoint_and_new_settings_retrain(pretrained, tm
         raise AssertionError("pretraining ran again")
         yield  # pragma: no cover
 
-    again = pretrain.pretrain_backbone(config, str(workdir), train.make_mesh(), batches=unused())
+    again = pretrain.pretrain_backbone(config, str(workdir), sharding.make_mesh(), batches=unused())
     assert Path(again) == path
     changed = small_config(tmp_path)
     changed.pretrain.steps = 2
     with pytest.raises(AssertionError, match="ran again"):
-        pretrain.pretrain_backbone(changed, str(workdir), train.make_mesh(), batches=unused())
+        pretrain.pretrain_backbone(changed, str(workdir), sharding.make_mesh(), batches=unused())
 
 
 @pytest.mark.parametrize(
@@ -121,7 +121,7 @@ def test_bad_settings_are_refused_before_any_work(override, message, tmp_path):
     section, key, value = override
     config[section][key] = value
     with pytest.raises(pretrain.PretrainError, match=message):
-        pretrain.pretrain_backbone(config, str(tmp_path), train.make_mesh(), batches=iter(()))
+        pretrain.pretrain_backbone(config, str(tmp_path), sharding.make_mesh(), batches=iter(()))
 
 
 def test_train_and_evaluate_starts_from_the_pretrained_backbone(tmp_path, monkeypatch):
@@ -158,5 +158,7 @@ def test_a_non_finite_loss_stops_pretraining_with_a_clear_error(tmp_path):
     batch = next(fixed_batches())
     poisoned = itertools.repeat({**batch, "labels": np.full_like(batch["labels"], np.nan)})
     with pytest.raises(pretrain.PretrainError, match="non-finite loss by step 4"):
-        pretrain.pretrain_backbone(config, str(tmp_path / "w"), train.make_mesh(), batches=poisoned)
+        pretrain.pretrain_backbone(
+            config, str(tmp_path / "w"), sharding.make_mesh(), batches=poisoned
+        )
     assert not (tmp_path / "w" / pretrain.CHECKPOINT_DIR).exists()

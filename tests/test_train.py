@@ -8,7 +8,6 @@ compilation cache; the multi-device check compiles only the training forward and
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
@@ -25,8 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from configs import demo  # noqa: E402
-from slr_jax import train  # noqa: E402
-from slr_jax.main import ConfigError, validate_config  # noqa: E402
+from slr_jax import checkpoint, train  # noqa: E402
+from slr_jax.config import ConfigError, validate_config  # noqa: E402
 
 TOTAL_STEPS = 8  # 2 epochs of 4 steps; the seg loss starts at step 4
 
@@ -37,10 +36,6 @@ def tiny_config(tmp: Path):
     # very same programs (persistent cache hits) instead of new ones.
     config.model.num_classes = 21
     config.model.width = 0.0625
-    # The reference's freezes (the tests below pin them; the from-scratch switches have their own).
-    config.model.train_backbone_norm = False
-    config.model.zero_init_residual = False
-    config.train.freeze_stem = True
     config.pretrain.steps = 0  # tests/test_pretrain.py covers the backbone pretraining
     config.loss.pamr_dilations = (1, 2)
     config.dataset.manual_dir = str(tmp / "synthetic")
@@ -85,7 +80,7 @@ def full_run(tmp_path_factory, compile_cache):
 
 
 def _variables(workdir: Path) -> dict:
-    return train.latest_variables(str(workdir), prefer_best=False)[0]
+    return checkpoint.latest_variables(str(workdir), prefer_best=False)[0]
 
 
 def test_plan_follows_the_reference_schedule():
@@ -159,49 +154,6 @@ def test_frozen_parameters_do_not_move_and_heads_do(full_run, tmp_path):
     )
 
 
-def test_from_scratch_switches_train_the_stem_and_backbone_norm(tmp_path):
-    """``train.freeze_stem=False``, ``model.train_backbone_norm=True`` and
-    ``model.zero_init_residual=True`` (configs/demo.py): the stem and the backbone BatchNorms
-    train, their statistics follow the batches, and the zero-initialised convolutions move."""
-    from slr_jax.models import build_model
-
-    config = tiny_config(tmp_path)
-    config.train.freeze_stem = False
-    config.model.train_backbone_norm = True
-    config.model.zero_init_residual = True
-    plan = train.plan_steps(config.train, num_examples=8)
-    state = train.create_train_state(config, build_model(config.model), plan, jax.random.key(0))
-    initial = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
-    assert not np.any(initial["params"]["backbone"]["b3"]["conv_branch2b1"]["kernel"])
-    mesh = train.make_mesh()
-    step = train.compile_train_step(config, plan, mesh, state)
-    rng = np.random.default_rng(0)
-    raw = rng.uniform(size=(2, 33, 33, 3)).astype(np.float32)
-    batch = {
-        "image": (raw - 0.45) / 0.225,
-        "raw_image": raw,
-        "labels": np.eye(20, dtype=np.float32)[[3, 7]],
-        "mask": rng.integers(0, 21, size=(2, 33, 33)).astype(np.int32),
-        "is_labeled": np.zeros((2,), bool),
-    }
-    for _ in range(2):  # the convolution before a zero-initialised one moves from step 2
-        state, metrics = step(state, train.shard_batch(batch, mesh))
-    assert np.isfinite(float(metrics["total"]))
-    final = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
-    moved = lambda *path: (
-        not np.allclose(
-            functools.reduce(lambda t, k: t[k], path, final),
-            functools.reduce(lambda t, k: t[k], path, initial),
-        )
-    )
-    assert moved("params", "backbone", "conv1a", "kernel")
-    assert moved("params", "backbone", "b2", "conv_branch2a", "kernel")
-    assert moved("params", "backbone", "b3", "bn_branch2a", "scale")
-    assert moved("params", "backbone", "b3", "conv_branch2b1", "kernel")
-    assert moved("batch_stats", "backbone", "b3", "bn_branch2a", "mean")
-    assert moved("batch_stats", "backbone", "bn7", "var")
-
-
 def test_preempted_run_resumes_to_the_same_weights(full_run, tmp_path):
     """SIGTERM -> save and stop; the same command then continues the same data stream."""
     config, full_workdir, _ = full_run
@@ -258,7 +210,7 @@ def test_same_numbers_on_one_two_and_four_devices(tmp_path):
         from pathlib import Path
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
         from test_train import tiny_config
-        from slr_jax import data, train
+        from slr_jax import data, sharding
         from slr_jax.losses import slrnet_objective
         from slr_jax.models import build_model, init_variables
         assert jax.device_count() == 4
@@ -280,7 +232,7 @@ def test_same_numbers_on_one_two_and_four_devices(tmp_path):
             mesh = Mesh(np.asarray(devices), ("data",))
             fn = jax.jit(forward, in_shardings=(NamedSharding(mesh, P()), None,
                                                  NamedSharding(mesh, P())))
-            sharded = train.shard_batch(batch, mesh)
+            sharded = sharding.shard_batch(batch, mesh)
             assert len(sharded["image"].sharding.device_set) == len(devices)
             out.append(jax.device_get(fn(variables, sharded, jax.random.key(3))))
         (t1, s1, m1) = out[0]
@@ -341,18 +293,20 @@ def test_initial_weights_from_a_converted_backbone(tmp_path):
     zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), variable_shapes(model))
     ones = jax.tree_util.tree_map(lambda x: np.ones_like(x), zeros)
     save_variables(tmp_path / "backbone", ones, {"source": "imagenet_backbone"})
-    merged = train.load_initial_weights(zeros, str(tmp_path / "backbone"))
+    merged = checkpoint.load_initial_weights(zeros, str(tmp_path / "backbone"))
     for collection in ("params", "batch_stats"):
         assert all(
             np.all(x == 1) for x in jax.tree_util.tree_leaves(merged[collection]["backbone"])
         )
         heads = {k: v for k, v in merged[collection].items() if k != "backbone"}
         assert all(np.all(x == 0) for x in jax.tree_util.tree_leaves(heads))
-    wide = build_model(dict(tiny_config(tmp_path).model, width=0.125))
+    wide_cfg = tiny_config(tmp_path).model
+    wide_cfg.width = 0.125
+    wide = build_model(wide_cfg)
     wrong = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), variable_shapes(wide))
     save_variables(tmp_path / "wide", wrong, {"source": "imagenet_backbone"})
     with pytest.raises(CheckpointError, match="wrong shape"):
-        train.load_initial_weights(zeros, str(tmp_path / "wide"))
+        checkpoint.load_initial_weights(zeros, str(tmp_path / "wide"))
 
 
 def _fake_voc_config(name: str, tmp: Path):
@@ -416,10 +370,6 @@ def test_main_evaluates_and_infers_from_a_training_workdir(full_run, compile_cac
         "--config.dataset.image_size=40",
         "--config.test.scales=(1.0,)",
         "--config.test.flip=False",
-        # As tiny_config: the reference's freezes, the model the workdir was trained with.
-        "--config.model.train_backbone_norm=False",
-        "--config.model.zero_init_residual=False",
-        "--config.train.freeze_stem=True",
     ]
     env = dict(
         os.environ,
@@ -443,3 +393,13 @@ def test_main_evaluates_and_infers_from_a_training_workdir(full_run, compile_cac
     assert len(list((tmp_path / "inf" / "pred").glob("*.png"))) == len(list(photos.glob("*.jpg")))
     proc = run("--mode=infer", f"--checkpoint={tmp_path / 'missing'}", "--output=x")
     assert proc.returncode != 0 and "is not a folder" in proc.stderr
+    # Without --config the workdir's own config.json supplies every setting, and overrides
+    # still apply: the same label maps as above.
+    proc = subprocess.run(
+        [sys.executable, "-m", "slr_jax.infer", f"--checkpoint={workdir}",
+         f"--output={tmp_path / 'own'}", f"--images={photos}", "--config.test.flip=False"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for png in (tmp_path / "inf" / "pred").glob("*.png"):
+        assert (tmp_path / "own" / "pred" / png.name).read_bytes() == png.read_bytes()

@@ -35,8 +35,9 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image, UnidentifiedImageError
 
+from slr_jax.constants import COCO_CLASSES, IGNORE_LABEL, VOC_CLASSES
 from slr_jax.data.synthetic import make_synthetic_examples
-from slr_jax.data.voc import IGNORE_LABEL, VOC_CLASSES, DataError, labels_from_mask
+from slr_jax.data.voc import DataError, labels_from_mask
 
 logger = logging.getLogger(__name__)
 
@@ -64,18 +65,6 @@ COCO_ANNOTATIONS_ARCHIVE = "annotations_trainval2014.zip"
 COCO_CATEGORY_IDS = (
     *range(1, 12), *range(13, 26), 27, 28, *range(31, 45), *range(46, 66), 67, 70,
     *range(72, 83), *range(84, 91),
-)  # fmt: skip
-COCO_CLASSES = (
-    "background", "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck",
-    "boat", "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat",
-    "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack",
-    "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball",
-    "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket",
-    "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair",
-    "couch", "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote",
-    "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book",
-    "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
 )  # fmt: skip
 COCO_CLASS_OF_CATEGORY = {cat: index + 1 for index, cat in enumerate(COCO_CATEGORY_IDS)}
 

@@ -53,7 +53,6 @@ import numpy as np
 
 from slr_jax.data import transforms, voc
 from slr_jax.data.synthetic import (
-    CLUTTER_TEXTURE_PROB,
     INFO_FILE,
     LEGACY_INFO_FILES,
     write_synthetic_voc,
@@ -77,17 +76,6 @@ def _tf():
     return tf
 
 
-def _setting(section: Any, key: str, default: Any) -> Any:
-    """``section.key`` or ``default`` for ConfigDicts, dicts and plain objects."""
-    if section is None:
-        return default
-    if isinstance(section, Mapping) or hasattr(section, "get"):
-        value = section.get(key, default)
-    else:
-        value = getattr(section, key, default)
-    return default if value is None else value
-
-
 def _process_slot(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     if process_index is None or process_count is None:
         import jax
@@ -105,20 +93,18 @@ def _process_slot(process_index: int | None, process_count: int | None) -> tuple
 def _synthetic_root(cfg: Any) -> Path:
     """Writes the synthetic dataset once (atomically) and returns its VOC-layout folder."""
     dataset = cfg.dataset
-    folder = _setting(dataset, "manual_dir", "") or os.path.join(
-        _setting(dataset, "data_dir", "") or os.path.expanduser("~/slr_jax_data"),
+    folder = dataset.manual_dir or os.path.join(
+        dataset.data_dir or os.path.expanduser("~/slr_jax_data"),
         "synthetic_shapes",
     )
     root = Path(folder).expanduser()
     kwargs = dict(
-        num_train=int(_setting(dataset, "num_train", 64)),
-        num_val=int(_setting(dataset, "num_val", 16)),
-        size=_setting(dataset, "image_size", 64),
+        num_train=int(dataset.num_train),
+        num_val=int(dataset.num_val),
+        size=dataset.image_size,
         num_classes=int(cfg.model.num_classes),
-        seed=int(_setting(dataset, "synthetic_seed", 0)),
-        clutter_texture_prob=float(
-            _setting(dataset, "synthetic_clutter_texture_prob", CLUTTER_TEXTURE_PROB)
-        ),
+        seed=int(dataset.synthetic_seed),
+        clutter_texture_prob=float(dataset.synthetic_clutter_texture_prob),
     )
     if isinstance(kwargs["size"], Sequence):
         kwargs["size"] = [int(s) for s in kwargs["size"]]
@@ -148,16 +134,16 @@ def _synthetic_root(cfg: Any) -> Path:
 
 def dataset_root(cfg: Any) -> Path:
     """The VOC-layout folder of ``config.dataset`` (writing the synthetic one when needed)."""
-    name = _setting(cfg.dataset, "name", "voc")
+    name = cfg.dataset.name
     if name == "synthetic":
         return _synthetic_root(cfg)
     if name == "voc":
-        return voc.resolve_voc_root(_setting(cfg.dataset, "manual_dir", ""))
+        return voc.resolve_voc_root(cfg.dataset.manual_dir)
     raise ValueError(f"Unknown config.dataset.name {name!r}; expected 'voc' or 'synthetic'.")
 
 
 def _image_labels(cfg: Any) -> dict[str, list[int]] | None:
-    path = _setting(cfg.dataset, "image_labels_file", "")
+    path = cfg.dataset.image_labels_file
     if not path:
         return None
     try:
@@ -177,9 +163,9 @@ def train_examples(cfg: Any) -> list[VocExample] | list[TfdsExample]:
     root = dataset_root(cfg)
     examples = voc.training_examples(
         root,
-        _setting(cfg.dataset, "train_split", "train_aug"),
-        labeled_split=_setting(cfg.dataset, "labeled_split", None),
-        oversample_rate=int(_setting(cfg.dataset, "oversample_rate", 1)),
+        cfg.dataset.train_split,
+        labeled_split=cfg.dataset.labeled_split,
+        oversample_rate=int(cfg.dataset.oversample_rate),
     )
     voc.check_files_exist(examples)
     return examples
@@ -188,10 +174,10 @@ def train_examples(cfg: Any) -> list[VocExample] | list[TfdsExample]:
 def eval_examples(cfg: Any, split: str | None = None) -> list[VocExample] | list[TfdsExample]:
     """The evaluation list (``config.dataset.val_split`` unless ``split`` is given)."""
     if _uses_tfds(cfg):
-        split = split or _setting(cfg.dataset, "val_split", "val")
+        split = split or cfg.dataset.val_split
         return [TfdsExample(split, index) for index in range(len(_tfds_source(cfg, split)))]
     root = dataset_root(cfg)
-    examples = voc.read_split(root, split or _setting(cfg.dataset, "val_split", "val"))
+    examples = voc.read_split(root, split or cfg.dataset.val_split)
     voc.check_files_exist(examples)
     return examples
 
@@ -219,8 +205,8 @@ class TfdsExample:
 
 
 def _uses_tfds(cfg: Any) -> bool:
-    name = _setting(cfg.dataset, "name", "voc")
-    source = _setting(cfg.dataset, "source", "") or ("tfds" if name == "coco" else "folder")
+    name = cfg.dataset.name
+    source = cfg.dataset.source or ("tfds" if name == "coco" else "folder")
     if source not in ("folder", "tfds"):
         raise ValueError(f"Unknown config.dataset.source {source!r}; expected 'folder' or 'tfds'.")
     return source == "tfds"
@@ -229,17 +215,17 @@ def _uses_tfds(cfg: Any) -> bool:
 def _tfds_key(cfg: Any) -> tuple[str, str, str]:
     """(builder name, data_dir, manual_dir) of ``config``."""
     dataset = cfg.dataset
-    name = _setting(dataset, "tfds_name", "")
+    name = dataset.tfds_name
     if not name:
-        dataset_name = _setting(dataset, "name", "voc")
+        dataset_name = dataset.name
         if dataset_name not in TFDS_BUILDERS:
             raise ValueError(
                 f"No tfds builder for config.dataset.name {dataset_name!r}; set "
                 f"config.dataset.tfds_name or use a name in {sorted(TFDS_BUILDERS)}."
             )
         name = TFDS_BUILDERS[dataset_name]
-    data_dir = os.path.expanduser(str(_setting(dataset, "data_dir", "") or ""))
-    return name, data_dir, str(_setting(dataset, "manual_dir", "") or "")
+    data_dir = os.path.expanduser(str(dataset.data_dir or ""))
+    return name, data_dir, str(dataset.manual_dir or "")
 
 
 @functools.cache
@@ -284,15 +270,15 @@ def _tfds_names(source) -> list[str]:
 
 def _tfds_train_examples(cfg: Any) -> list[TfdsExample]:
     """The tfds training list, marked and oversampled as ``voc.training_examples`` does."""
-    split = _setting(cfg.dataset, "train_split", "train_aug")
+    split = cfg.dataset.train_split
     source = _tfds_source(cfg, split)
     examples = [TfdsExample(split, index) for index in range(len(source))]
-    labeled_split = _setting(cfg.dataset, "labeled_split", None)
+    labeled_split = cfg.dataset.labeled_split
     if not labeled_split:
         return examples
     if str(labeled_split).lower() in voc.NO_PIXEL_LABELS:
         return [dataclasses.replace(e, is_labeled=False) for e in examples]
-    oversample_rate = _setting(cfg.dataset, "oversample_rate", 1)
+    oversample_rate = cfg.dataset.oversample_rate
     if int(oversample_rate) < 1:
         raise DataError(f"oversample_rate must be an integer >= 1, got {oversample_rate}.")
     labeled = set(_tfds_names(_tfds_source(cfg, labeled_split)))
@@ -412,10 +398,10 @@ def build_train_dataset(
     batch_size: int,
     crop_size: int | Sequence[int],
     seed: int,
-    scale: Sequence[float] = (0.9, 1.0),
-    ratio: Sequence[float] = transforms.DEFAULT_RATIO,
-    flip_prob: float = 0.5,
-    jitter: Sequence[float] | None = transforms.DEFAULT_JITTER,
+    scale: Sequence[float],
+    ratio: Sequence[float],
+    flip_prob: float,
+    jitter: Sequence[float] | None,
     image_labels: Mapping[str, Sequence[int]] | None = None,
     process_index: int = 0,
     process_count: int = 1,
@@ -577,22 +563,22 @@ def train_dataset(
             "processes; use a multiple of jax.process_count()."
         )
     dataset = cfg.dataset
-    jitter = _setting(dataset, "color_jitter", transforms.DEFAULT_JITTER)
+    jitter = dataset.color_jitter
     dataset_tf = build_train_dataset(
         train_examples(cfg),
         num_classes=int(cfg.model.num_classes),
         batch_size=global_batch // process_count,
-        crop_size=_setting(dataset, "crop_size", 321),
-        seed=int(_setting(cfg, "seed", 0)),
-        scale=tuple(_setting(dataset, "scale_range", (0.9, 1.0))),
-        ratio=tuple(_setting(dataset, "ratio_range", transforms.DEFAULT_RATIO)),
-        flip_prob=float(_setting(dataset, "flip_prob", 0.5)),
+        crop_size=dataset.crop_size,
+        seed=int(cfg.seed),
+        scale=tuple(dataset.scale_range),
+        ratio=tuple(dataset.ratio_range),
+        flip_prob=float(dataset.flip_prob),
         jitter=tuple(jitter) if jitter else None,
         image_labels=_image_labels(cfg),
         process_index=process_index,
         process_count=process_count,
-        num_parallel_calls=_setting(dataset, "num_parallel_calls", None),
-        prefetch=_setting(dataset, "prefetch", None),
+        num_parallel_calls=dataset.num_parallel_calls,
+        prefetch=dataset.prefetch,
         start_position=start_position,
         load_example=example_loader(cfg),
     )
@@ -621,7 +607,7 @@ def eval_dataset(
         image_labels=_image_labels(cfg),
         process_index=process_index,
         process_count=process_count,
-        num_parallel_calls=_setting(cfg.dataset, "num_parallel_calls", None),
+        num_parallel_calls=cfg.dataset.num_parallel_calls,
         load_example=example_loader(cfg),
     )
     return NumpyIterator(dataset_tf, _decode_names)

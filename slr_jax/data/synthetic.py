@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from slr_jax.data.voc import IGNORE_LABEL, voc_palette
+from slr_jax.constants import IGNORE_LABEL, voc_palette
 
 # Version 1 gave every class its own colour; version 2 is the shape + texture set above.
 GENERATOR_VERSION = 2
@@ -427,9 +427,9 @@ def trivial_baseline_scores(
 
     Returns {'all_background': scores, 'nearest_colour': scores, 'class_colours': (C, 3)
     float64 (NaN rows for classes absent from train)}, each ``scores`` being
-    ``slr_jax.evaluate.segmentation_scores`` of the val confusion matrix ('miou', 'iou', ...).
+    ``slr_jax.metrics.segmentation_scores`` of the val confusion matrix ('miou', 'iou', ...).
     """
-    from slr_jax.evaluate import ConfusionAccumulator
+    from slr_jax.metrics import ConfusionAccumulator
 
     if num_classes < 2:
         raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}.")

@@ -15,10 +15,10 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageEnhance
 
-IMAGENET_MEAN = np.asarray((0.485, 0.456, 0.406), np.float32)
-IMAGENET_STD = np.asarray((0.229, 0.224, 0.225), np.float32)
-DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-DEFAULT_JITTER = (0.3, 0.3, 0.3, 0.1)  # brightness, contrast, saturation, hue
+from slr_jax import constants
+
+IMAGENET_MEAN = np.asarray(constants.IMAGENET_MEAN, np.float32)
+IMAGENET_STD = np.asarray(constants.IMAGENET_STD, np.float32)
 
 
 def sample_crop_box(
@@ -26,7 +26,7 @@ def sample_crop_box(
     height: int,
     width: int,
     scale: Sequence[float],
-    ratio: Sequence[float] = DEFAULT_RATIO,
+    ratio: Sequence[float],
     attempts: int = 10,
 ) -> tuple[int, int, int, int]:
     """(top, left, crop_height, crop_width) drawn like torchvision's RandomResizedCrop.
@@ -96,7 +96,7 @@ def apply_colour_jitter(
 def colour_jitter(
     image: Image.Image,
     rng: np.random.Generator,
-    strengths: Sequence[float] = DEFAULT_JITTER,
+    strengths: Sequence[float],
 ) -> Image.Image:
     """torchvision ColorJitter on a PIL RGB image: the four adjustments in a random order.
 
@@ -129,16 +129,18 @@ def train_transform(
     rng: np.random.Generator,
     *,
     crop_size: int | Sequence[int],
-    scale: Sequence[float] = (0.9, 1.0),
-    ratio: Sequence[float] = DEFAULT_RATIO,
-    flip_prob: float = 0.5,
-    jitter: Sequence[float] | None = DEFAULT_JITTER,
+    scale: Sequence[float],
+    ratio: Sequence[float],
+    flip_prob: float,
+    jitter: Sequence[float] | None,
 ) -> dict[str, np.ndarray]:
     """The reference training transform of one example.
 
     Args: ``image`` (H, W, 3) uint8, ``mask`` (H, W) uint8. Returns {'image': (h, w, 3)
     float32 normalised, 'raw_image': (h, w, 3) float32 in [0, 1], 'mask': (h, w) int32} with
-    (h, w) = ``crop_size``. ``jitter`` None turns the colour jitter off.
+    (h, w) = ``crop_size``. ``scale``, ``ratio``, ``flip_prob``, ``jitter`` (brightness,
+    contrast, saturation, hue; None turns the colour jitter off): ``config.dataset``'s
+    ``scale_range``, ``ratio_range``, ``flip_prob``, ``color_jitter``.
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}.")

@@ -30,30 +30,9 @@ import numpy as np
 from etils import epath
 from PIL import Image, UnidentifiedImageError
 
-IGNORE_LABEL = 255
-VOC_CLASSES = (
-    "background",
-    "aeroplane",
-    "bicycle",
-    "bird",
-    "boat",
-    "bottle",
-    "bus",
-    "car",
-    "cat",
-    "chair",
-    "cow",
-    "diningtable",
-    "dog",
-    "horse",
-    "motorbike",
-    "person",
-    "pottedplant",
-    "sheep",
-    "sofa",
-    "train",
-    "tvmonitor",
-)
+from slr_jax.constants import IGNORE_LABEL, VOC_CLASSES
+from slr_jax.errors import DataError
+
 NUM_VOC_CLASSES = len(VOC_CLASSES)
 
 # split name -> (list file under ImageSets/Segmentation, mask folder)
@@ -68,10 +47,6 @@ SPLIT_LAYOUT = {
 NO_PIXEL_LABELS = ("none",)
 
 
-class DataError(ValueError):
-    """The dataset folder, a list file or an image is missing, unreadable or inconsistent."""
-
-
 @dataclasses.dataclass(frozen=True)
 class VocExample:
     """Where one example lives. ``mask_path`` None: no pixel labels on disk (test split)."""
@@ -80,22 +55,6 @@ class VocExample:
     image_path: str
     mask_path: str | None
     is_labeled: bool
-
-
-def voc_palette() -> list[int]:
-    """The 256-entry VOC colour palette as a flat [r0, g0, b0, r1, ...] list (768 ints)."""
-    palette = []
-    for index in range(256):
-        red = green = blue = 0
-        code = index
-        # Bits 0, 1, 2 of the index feed red, green, blue from the most significant bit down.
-        for shift in range(7, -1, -1):
-            red |= (code & 1) << shift
-            green |= ((code >> 1) & 1) << shift
-            blue |= ((code >> 2) & 1) << shift
-            code >>= 3
-        palette += [red, green, blue]
-    return palette
 
 
 def resolve_voc_root(manual_dir: str | os.PathLike) -> epath.Path:

@@ -2,11 +2,10 @@
 
 from slr_jax.models.slrnet import (
     MODES,
-    VARIANTS,
     SLRNet,
     build_model,
     init_variables,
     variable_shapes,
 )
 
-__all__ = ["MODES", "VARIANTS", "SLRNet", "build_model", "init_variables", "variable_shapes"]
+__all__ = ["MODES", "SLRNet", "build_model", "init_variables", "variable_shapes"]

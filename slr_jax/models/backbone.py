@@ -4,12 +4,12 @@ Output stride 8. Pre-activation residual blocks (BatchNorm -> ReLU -> conv). As 
 reference, every BatchNorm of the backbone always normalises with its running statistics, in
 training too, and its affine parameters are frozen (see ``slr_jax.optim``); the blocks
 ``conv1a``, ``b2``, ``b2_1`` and ``b2_2`` are frozen entirely. That suits an ImageNet
-initialisation; for training from random weights (the CPU demo), ``batch_norm_stats=True``
-normalises with batch statistics in training (running averages updated) and the optimiser can
-train the affine parameters and the stem (``model.train_backbone_norm``,
-``train.freeze_stem``), and ``zero_init_residual=True`` starts the last convolution of every
-residual branch at zero (each block starts as its shortcut; without it the full backbone at
-width 1/8 does not learn the demo's image labels from scratch, docs/results.md).
+initialisation. Backbone pretraining on image labels (``slr_jax.pretrain``, the demo's
+stand-in for ImageNet weights) trains it from random weights instead: ``batch_norm_stats=True``
+normalises with batch statistics in training (running averages updated) and
+``zero_init_residual=True`` starts the last convolution of every residual branch at zero
+(each block starts as its shortcut; without it the backbone at width 1/8 does not learn the
+demo's image labels from scratch).
 ``b6``/``b7`` apply channel dropout (PyTorch ``Dropout2d``) in training, from the
 ``'dropout'`` RNG stream.
 
@@ -48,7 +48,6 @@ RESNET38_BLOCKS = (
     ("b6", "bottleneck", 1024, None, 2048, 1, 4, 4, 0.3),
     ("b7", "bottleneck", 2048, None, 4096, 1, 4, 4, 0.5),
 )
-FROZEN_BLOCKS = ("conv1a", "b2", "b2_1", "b2_2")
 CONV3_BLOCK = "b3_2"
 
 

@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from slr_jax.constants import VARIANTS
 from slr_jax.models.backbone import WideResNet38, scale_channels
 from slr_jax.models.heads import (
     ASPP,
@@ -36,7 +37,6 @@ from slr_jax.models.heads import (
 from slr_jax.models.lowrank import FactorizationReconstruction, initial_dictionary
 from slr_jax.ops import resize_bilinear_align_corners, scaled_size
 
-VARIANTS = ("wsss", "semi", "semi_wo_cls", "coco")
 MODES = ("test", "test_two_view", "train")
 
 
@@ -59,11 +59,6 @@ class SLRNet(nn.Module):
       remat: rematerialise backbone blocks in the backward pass (saves activation memory).
       use_low_rank: False drops the cross-view low-rank module (an ablation: features pass
         through unchanged, codes are zeros so the code-consistency term is 0, no parameters).
-      train_backbone_norm: False (the reference) keeps the backbone BatchNorms on their running
-        statistics; True normalises them with batch statistics in training (for training from
-        random weights; the optimiser then trains their affine parameters too).
-      zero_init_residual: start the last convolution of every backbone residual branch at zero
-        (training from random weights; irrelevant when weights are loaded).
     """
 
     variant: str = "wsss"
@@ -75,8 +70,6 @@ class SLRNet(nn.Module):
     dtype: Any = jnp.float32
     remat: bool = False
     use_low_rank: bool = True
-    train_backbone_norm: bool = False
-    zero_init_residual: bool = False
 
     def setup(self):
         if self.variant not in VARIANTS:
@@ -87,13 +80,7 @@ class SLRNet(nn.Module):
             )
         ch = lambda c: scale_channels(c, self.width)
         head_out = self.num_classes if self.predicts_background else self.num_classes - 1
-        self.backbone = WideResNet38(
-            self.width,
-            self.dtype,
-            self.remat,
-            batch_norm_stats=self.train_backbone_norm,
-            zero_init_residual=self.zero_init_residual,
-        )
+        self.backbone = WideResNet38(self.width, self.dtype, self.remat)
         self.aspp = ASPP(self.width, self.dtype)
         self.fc8_skip = ConvBNReLU(ch(48), dtype=self.dtype)
         self.fc8_x = ConvBNReLU(ch(256), kernel=3, dtype=self.dtype)
@@ -221,27 +208,23 @@ class SLRNet(nn.Module):
         }
 
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
 def build_model(model_cfg) -> SLRNet:
-    """``SLRNet`` from a config dict / ``ml_collections.ConfigDict`` (keys as attributes)."""
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(
-        str(model_cfg.get("dtype", "float32"))
-    )
-    if dtype is None:
-        raise ValueError(
-            f"model.dtype must be 'float32' or 'bfloat16', got {model_cfg.get('dtype')!r}"
-        )
+    """``SLRNet`` from ``config.model`` (every key of configs/common.py's model section)."""
+    if model_cfg.dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {tuple(DTYPES)}, got {model_cfg.dtype!r}")
     return SLRNet(
-        variant=model_cfg.get("variant", "wsss"),
-        num_classes=int(model_cfg.get("num_classes", 21)),
-        width=float(model_cfg.get("width", 1.0)),
-        num_iters=int(model_cfg.get("num_iters", 1)),
-        temperature=float(model_cfg.get("temperature", 1.0)),
-        scale_factor=float(model_cfg.get("scale_factor", 0.5)),
-        dtype=dtype,
-        remat=bool(model_cfg.get("remat", False)),
-        use_low_rank=bool(model_cfg.get("use_low_rank", True)),
-        train_backbone_norm=bool(model_cfg.get("train_backbone_norm", False)),
-        zero_init_residual=bool(model_cfg.get("zero_init_residual", False)),
+        variant=str(model_cfg.variant),
+        num_classes=int(model_cfg.num_classes),
+        width=float(model_cfg.width),
+        num_iters=int(model_cfg.num_iters),
+        temperature=float(model_cfg.temperature),
+        scale_factor=float(model_cfg.scale_factor),
+        dtype=DTYPES[model_cfg.dtype],
+        remat=bool(model_cfg.remat),
+        use_low_rank=bool(model_cfg.use_low_rank),
     )
 
 

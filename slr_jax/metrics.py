@@ -1,4 +1,4 @@
-"""Segmentation scoring on the host (numpy): confusion matrices, IoU tables, folder evaluation.
+"""Segmentation metrics on the host (NumPy): confusion matrices, IoU tables, folder scoring.
 
 Conventions follow the reference evaluation scripts (``tools/eval_voc.py``): the confusion
 matrix has ground truth on the rows and predictions on the columns; pixels whose ground truth
@@ -17,122 +17,14 @@ left out of every mean (``np.nanmean``).
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-VOC_CLASSES: tuple[str, ...] = (
-    "background",
-    "aeroplane",
-    "bicycle",
-    "bird",
-    "boat",
-    "bottle",
-    "bus",
-    "car",
-    "cat",
-    "chair",
-    "cow",
-    "diningtable",
-    "dog",
-    "horse",
-    "motorbike",
-    "person",
-    "pottedplant",
-    "sheep",
-    "sofa",
-    "train",
-    "tvmonitor",
-)
-
-COCO_CLASSES: tuple[str, ...] = (
-    "background",
-    "person",
-    "bicycle",
-    "car",
-    "motorcycle",
-    "airplane",
-    "bus",
-    "train",
-    "truck",
-    "boat",
-    "traffic light",
-    "fire hydrant",
-    "stop sign",
-    "parking meter",
-    "bench",
-    "bird",
-    "cat",
-    "dog",
-    "horse",
-    "sheep",
-    "cow",
-    "elephant",
-    "bear",
-    "zebra",
-    "giraffe",
-    "backpack",
-    "umbrella",
-    "handbag",
-    "tie",
-    "suitcase",
-    "frisbee",
-    "skis",
-    "snowboard",
-    "sports ball",
-    "kite",
-    "baseball bat",
-    "baseball glove",
-    "skateboard",
-    "surfboard",
-    "tennis racket",
-    "bottle",
-    "wine glass",
-    "cup",
-    "fork",
-    "knife",
-    "spoon",
-    "bowl",
-    "banana",
-    "apple",
-    "sandwich",
-    "orange",
-    "broccoli",
-    "carrot",
-    "hot dog",
-    "pizza",
-    "donut",
-    "cake",
-    "chair",
-    "couch",
-    "potted plant",
-    "bed",
-    "dining table",
-    "toilet",
-    "tv",
-    "laptop",
-    "mouse",
-    "remote",
-    "keyboard",
-    "cell phone",
-    "microwave",
-    "oven",
-    "toaster",
-    "sink",
-    "refrigerator",
-    "book",
-    "clock",
-    "vase",
-    "scissors",
-    "teddy bear",
-    "hair drier",
-    "toothbrush",
-)
-
-
-class EvaluationError(ValueError):
-    """Label maps are missing, unreadable, of the wrong shape or hold out-of-range labels."""
+from slr_jax.constants import IGNORE_LABEL
+from slr_jax.errors import EvaluationError
 
 
 def _check_labels(name: str, labels: np.ndarray, num_classes: int, allowed: int | None) -> None:
@@ -153,7 +45,7 @@ def confusion_matrix(
     pred: np.ndarray,
     gt: np.ndarray,
     num_classes: int,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_LABEL,
 ) -> np.ndarray:
     """Confusion matrix (num_classes, num_classes) int64; rows ground truth, columns prediction.
 
@@ -228,7 +120,7 @@ def segmentation_scores(conf: np.ndarray) -> dict[str, np.ndarray | float]:
 class ConfusionAccumulator:
     """Sums confusion matrices over many label maps; ``result()`` gives segmentation_scores."""
 
-    def __init__(self, num_classes: int, ignore_index: int = 255):
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_LABEL):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
         self.num_classes = num_classes
@@ -261,7 +153,7 @@ def format_iou_table(
     if len(class_names) != len(iou):
         raise ValueError(
             f"{len(class_names)} class names given for {len(iou)} classes; pass the names of the "
-            "dataset that produced the scores (VOC_CLASSES or COCO_CLASSES)."
+            "dataset that produced the scores (slr_jax.constants.class_names)."
         )
     width = max(15, max(len(n) for n in class_names) + 1)
     lines = [
@@ -302,7 +194,7 @@ def evaluate_folders(
     gt_dir: str | os.PathLike,
     ids: Sequence[str] | None,
     num_classes: int,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_LABEL,
 ) -> dict[str, np.ndarray | float]:
     """Scores ``pred_dir/<id>.png`` against ``gt_dir/<id>.png`` for every id.
 
@@ -339,4 +231,37 @@ def evaluate_folders(
             accumulator.update(pred, gt)
         except EvaluationError as err:
             raise EvaluationError(f"{image_id}: {err}") from err
+    return accumulator.result()
+
+
+def score_predictions(
+    predictions: Mapping[str, np.ndarray] | str | os.PathLike,
+    ground_truth: Mapping[str, np.ndarray] | str | os.PathLike,
+    num_classes: int,
+    ids: Sequence[str] | None = None,
+    ignore_index: int = IGNORE_LABEL,
+) -> dict[str, Any]:
+    """mIoU and per-class scores (:func:`segmentation_scores`).
+
+    Either two folders of ``<id>.png`` label maps (``evaluate_folders``) or two mappings
+    id -> (H, W) label map; ``ids`` None means every prediction.
+    """
+    if isinstance(predictions, (str, os.PathLike)) or isinstance(ground_truth, (str, os.PathLike)):
+        if not (
+            isinstance(predictions, (str, os.PathLike))
+            and isinstance(ground_truth, (str, os.PathLike))
+        ):
+            raise EvaluationError("pass either two folders or two mappings, not one of each.")
+        return evaluate_folders(predictions, ground_truth, ids, num_classes, ignore_index)
+    ids = list(predictions) if ids is None else list(ids)
+    if not ids:
+        raise EvaluationError("no predictions to evaluate.")
+    missing = [i for i in ids if i not in ground_truth or i not in predictions]
+    if missing:
+        raise EvaluationError(
+            f"{len(missing)} ids lack a prediction or ground truth: {missing[:5]}"
+        )
+    accumulator = ConfusionAccumulator(num_classes, ignore_index)
+    for image_id in ids:
+        accumulator.update(np.asarray(predictions[image_id]), np.asarray(ground_truth[image_id]))
     return accumulator.result()

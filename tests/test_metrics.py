@@ -1,10 +1,10 @@
-"""slr_jax.evaluate against sklearn and the reference's eval_voc formula."""
+"""slr_jax.metrics against sklearn and the reference's eval_voc formula."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from slr_jax import evaluate
+from slr_jax import constants, metrics
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
 
@@ -33,7 +33,7 @@ def _reference_style_inputs(pred, gt):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_confusion_matrix_matches_sklearn(seed):
     pred, gt = _random_maps(seed)
-    ours = evaluate.confusion_matrix(pred, gt, NUM_CLASSES, ignore_index=IGNORE)
+    ours = metrics.confusion_matrix(pred, gt, NUM_CLASSES, ignore_index=IGNORE)
     p, g = _reference_style_inputs(pred, gt)
     expected = sklearn_metrics.confusion_matrix(g, p, labels=list(range(NUM_CLASSES)))
     np.testing.assert_array_equal(ours, expected)
@@ -44,8 +44,8 @@ def test_confusion_matrix_matches_sklearn(seed):
 @pytest.mark.parametrize("seed", [3, 4])
 def test_scores_match_sklearn_and_reference_formula(seed):
     pred, gt = _random_maps(seed)
-    scores = evaluate.segmentation_scores(
-        evaluate.confusion_matrix(pred, gt, NUM_CLASSES, ignore_index=IGNORE)
+    scores = metrics.segmentation_scores(
+        metrics.confusion_matrix(pred, gt, NUM_CLASSES, ignore_index=IGNORE)
     )
     p, g = _reference_style_inputs(pred, gt)
     labels = list(range(NUM_CLASSES))
@@ -82,14 +82,14 @@ def test_reference_eval_voc_formula_if_importable(reference_file):
     pred_ref = np.where(pred == IGNORE, 0, pred)
     conf = calc_semantic_segmentation_confusion(list(pred_ref), list(gt_chainer))
     conf = conf[:NUM_CLASSES, :NUM_CLASSES]
-    ours = evaluate.confusion_matrix(pred, gt, NUM_CLASSES, ignore_index=IGNORE)
+    ours = metrics.confusion_matrix(pred, gt, NUM_CLASSES, ignore_index=IGNORE)
     np.testing.assert_array_equal(ours, conf)
 
 
 def test_absent_class_is_nan_and_left_out_of_means():
     gt = np.array([[0, 0, 1, 1]], dtype=np.uint8)
     pred = np.array([[0, 1, 1, 1]], dtype=np.uint8)
-    scores = evaluate.segmentation_scores(evaluate.confusion_matrix(pred, gt, 3))
+    scores = metrics.segmentation_scores(metrics.confusion_matrix(pred, gt, 3))
     assert np.isnan(scores["iou"][2]) and np.isnan(scores["fp"][2])
     np.testing.assert_allclose(scores["iou"][:2], [1 / 2, 2 / 3])
     assert scores["miou"] == pytest.approx((1 / 2 + 2 / 3) / 2)
@@ -98,11 +98,11 @@ def test_absent_class_is_nan_and_left_out_of_means():
 
 def test_accumulator_equals_one_big_matrix():
     pred, gt = _random_maps(11, shape=(5, 9, 13))
-    acc = evaluate.ConfusionAccumulator(NUM_CLASSES)
+    acc = metrics.ConfusionAccumulator(NUM_CLASSES)
     for p, g in zip(pred, gt, strict=True):
         acc.update(p, g)
-    whole = evaluate.segmentation_scores(evaluate.confusion_matrix(pred, gt, NUM_CLASSES))
-    np.testing.assert_array_equal(acc.confusion, evaluate.confusion_matrix(pred, gt, NUM_CLASSES))
+    whole = metrics.segmentation_scores(metrics.confusion_matrix(pred, gt, NUM_CLASSES))
+    np.testing.assert_array_equal(acc.confusion, metrics.confusion_matrix(pred, gt, NUM_CLASSES))
     np.testing.assert_allclose(acc.result()["iou"], whole["iou"])
     assert acc.num_updates == 5
     acc.reset()
@@ -111,40 +111,40 @@ def test_accumulator_equals_one_big_matrix():
 
 def test_bad_inputs_raise_clear_errors():
     gt = np.zeros((4, 4), np.uint8)
-    with pytest.raises(evaluate.EvaluationError, match="differs from ground-truth shape"):
-        evaluate.confusion_matrix(np.zeros((4, 5), np.uint8), gt, 3)
-    with pytest.raises(evaluate.EvaluationError, match=r"prediction holds labels \[7\]"):
-        evaluate.confusion_matrix(np.full((4, 4), 7, np.uint8), gt, 3)
-    with pytest.raises(evaluate.EvaluationError, match=r"ground truth holds labels \[5\]"):
-        evaluate.confusion_matrix(gt, np.full((4, 4), 5, np.uint8), 3)
-    with pytest.raises(evaluate.EvaluationError, match="integer label map"):
-        evaluate.confusion_matrix(np.zeros((4, 4), np.float32), gt, 3)
+    with pytest.raises(metrics.EvaluationError, match="differs from ground-truth shape"):
+        metrics.confusion_matrix(np.zeros((4, 5), np.uint8), gt, 3)
+    with pytest.raises(metrics.EvaluationError, match=r"prediction holds labels \[7\]"):
+        metrics.confusion_matrix(np.full((4, 4), 7, np.uint8), gt, 3)
+    with pytest.raises(metrics.EvaluationError, match=r"ground truth holds labels \[5\]"):
+        metrics.confusion_matrix(gt, np.full((4, 4), 5, np.uint8), 3)
+    with pytest.raises(metrics.EvaluationError, match="integer label map"):
+        metrics.confusion_matrix(np.zeros((4, 4), np.float32), gt, 3)
     with pytest.raises(ValueError, match="square"):
-        evaluate.segmentation_scores(np.zeros((3, 4)))
+        metrics.segmentation_scores(np.zeros((3, 4)))
 
 
 def test_class_name_tables():
-    assert len(evaluate.VOC_CLASSES) == 21 and evaluate.VOC_CLASSES[15] == "person"
-    assert len(evaluate.COCO_CLASSES) == 81 and evaluate.COCO_CLASSES[:2] == (
+    assert len(constants.VOC_CLASSES) == 21 and constants.VOC_CLASSES[15] == "person"
+    assert len(constants.COCO_CLASSES) == 81 and constants.COCO_CLASSES[:2] == (
         "background",
         "person",
     )
-    assert evaluate.COCO_CLASSES[-1] == "toothbrush"
-    assert len(set(evaluate.COCO_CLASSES)) == 81
+    assert constants.COCO_CLASSES[-1] == "toothbrush"
+    assert len(set(constants.COCO_CLASSES)) == 81
 
 
 def test_format_iou_table():
     pred, gt = _random_maps(5, num_classes=21)
-    scores = evaluate.segmentation_scores(evaluate.confusion_matrix(pred, gt, 21))
-    table = evaluate.format_iou_table(scores, evaluate.VOC_CLASSES)
+    scores = metrics.segmentation_scores(metrics.confusion_matrix(pred, gt, 21))
+    table = metrics.format_iou_table(scores, constants.VOC_CLASSES)
     lines = table.splitlines()
     assert f"mIoU: {scores['miou']:.4f}" in lines[0]
     assert len(lines) == 4 + 21
     assert lines[4 + 15].split()[0] == "person"
     assert float(lines[4 + 15].split()[1]) == pytest.approx(scores["iou"][15], abs=1e-4)
     with pytest.raises(ValueError, match="21 class names given for 6 classes"):
-        evaluate.format_iou_table(
-            evaluate.segmentation_scores(np.eye(6, dtype=np.int64)), evaluate.VOC_CLASSES
+        metrics.format_iou_table(
+            metrics.segmentation_scores(np.eye(6, dtype=np.int64)), constants.VOC_CLASSES
         )
 
 
@@ -164,24 +164,24 @@ def test_evaluate_folders(tmp_path):
     for i, name in enumerate(ids):
         _write_png(pred_dir / f"{name}.png", pred[i], palette=i == 1)
         _write_png(gt_dir / f"{name}.png", gt[i])
-    scores = evaluate.evaluate_folders(pred_dir, gt_dir, ids, NUM_CLASSES)
-    expected = evaluate.segmentation_scores(evaluate.confusion_matrix(pred, gt, NUM_CLASSES))
+    scores = metrics.evaluate_folders(pred_dir, gt_dir, ids, NUM_CLASSES)
+    expected = metrics.segmentation_scores(metrics.confusion_matrix(pred, gt, NUM_CLASSES))
     np.testing.assert_allclose(scores["iou"], expected["iou"])
     # ids=None: every PNG in the prediction folder.
-    scores_all = evaluate.evaluate_folders(pred_dir, gt_dir, None, NUM_CLASSES)
+    scores_all = metrics.evaluate_folders(pred_dir, gt_dir, None, NUM_CLASSES)
     assert scores_all["miou"] == pytest.approx(expected["miou"])
 
-    with pytest.raises(evaluate.EvaluationError, match=r"1 of 4 prediction PNGs missing.*nope"):
-        evaluate.evaluate_folders(pred_dir, gt_dir, ids + ["nope"], NUM_CLASSES)
+    with pytest.raises(metrics.EvaluationError, match=r"1 of 4 prediction PNGs missing.*nope"):
+        metrics.evaluate_folders(pred_dir, gt_dir, ids + ["nope"], NUM_CLASSES)
     _write_png(gt_dir / "big.png", np.zeros((16, 19), np.uint8))
     _write_png(pred_dir / "big.png", np.zeros((15, 19), np.uint8))
-    with pytest.raises(evaluate.EvaluationError, match=r"big: prediction \(15, 19\)"):
-        evaluate.evaluate_folders(pred_dir, gt_dir, ["big"], NUM_CLASSES)
+    with pytest.raises(metrics.EvaluationError, match=r"big: prediction \(15, 19\)"):
+        metrics.evaluate_folders(pred_dir, gt_dir, ["big"], NUM_CLASSES)
     Image.fromarray(np.zeros((15, 19, 3), np.uint8)).save(pred_dir / "rgb.png")
     _write_png(gt_dir / "rgb.png", np.zeros((15, 19), np.uint8))
-    with pytest.raises(evaluate.EvaluationError, match="single-channel"):
-        evaluate.evaluate_folders(pred_dir, gt_dir, ["rgb"], NUM_CLASSES)
+    with pytest.raises(metrics.EvaluationError, match="single-channel"):
+        metrics.evaluate_folders(pred_dir, gt_dir, ["rgb"], NUM_CLASSES)
     _write_png(pred_dir / "hi.png", np.full((15, 19), 30, np.uint8))
     _write_png(gt_dir / "hi.png", np.zeros((15, 19), np.uint8))
-    with pytest.raises(evaluate.EvaluationError, match=r"hi: prediction holds labels \[30\]"):
-        evaluate.evaluate_folders(pred_dir, gt_dir, ["hi"], NUM_CLASSES)
+    with pytest.raises(metrics.EvaluationError, match=r"hi: prediction holds labels \[30\]"):
+        metrics.evaluate_folders(pred_dir, gt_dir, ["hi"], NUM_CLASSES)

@@ -1,0 +1,170 @@
+"""Config checks: every key known, every value usable, before anything heavy starts.
+
+``configs/common.py`` is the one place where a setting has a default; every other config file
+starts from it and the code reads keys without fallbacks, so a config that lacks a key or has
+an unknown one is refused here with the key's name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from slr_jax.constants import VARIANTS
+from slr_jax.errors import ConfigError
+
+# Sections whose entries are free-form mappings rather than fixed keys.
+_MAPPING_KEYS = ("crf", "class_pows")
+DTYPES = ("float32", "bfloat16")
+
+
+def flatten_keys(config: Any, prefix: str = "") -> dict[str, Any]:
+    """``{'model.width': 1.0, ...}``: the leaf keys of a ConfigDict (or nested dict)."""
+    out = {}
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if hasattr(value, "items") and key not in _MAPPING_KEYS:
+            out.update(flatten_keys(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def check_keys(config: Any) -> None:
+    """Raises ConfigError naming keys ``configs/common.py`` does not define, or lacks."""
+    from configs import common
+
+    known = flatten_keys(common.get_config())
+    given = flatten_keys(config)
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"unknown config keys {unknown}; the known keys are listed in configs/common.py."
+        )
+    missing = sorted(set(known) - set(given))
+    if missing:
+        raise ConfigError(f"config lacks {missing}; build configs from configs/common.py.")
+
+
+def _value_problems(config: Any) -> list[str]:
+    problems = []
+    model, train = config.model, config.train
+    if model.variant not in VARIANTS:
+        problems.append(f"model.variant={model.variant!r} not in {VARIANTS}")
+    if model.dtype not in DTYPES:
+        problems.append(f"model.dtype={model.dtype!r} must be one of {DTYPES}")
+    if model.variant == "coco" and model.num_classes != 81:
+        problems.append("the coco variant needs model.num_classes=81")
+    if train.batch_size < 1:
+        problems.append(f"train.batch_size={train.batch_size} must be >= 1")
+    if not 0 <= train.pretrain_epochs < train.num_epochs:
+        problems.append(
+            f"need 0 <= train.pretrain_epochs ({train.pretrain_epochs}) < "
+            f"train.num_epochs ({train.num_epochs})"
+        )
+    if config.checkpoint.every_steps < 1:
+        problems.append("checkpoint.every_steps must be >= 1")
+    if len(config.loss.loss_coeff) != 4:
+        problems.append("loss.loss_coeff needs 4 values (cls, mask, code, seg)")
+    weights = config.loss.class_weights
+    if weights and len(weights) != model.num_classes - 1:
+        problems.append(
+            f"loss.class_weights has {len(weights)} values for {model.num_classes - 1} "
+            "foreground classes"
+        )
+    return problems
+
+
+def validate_config(config: Any) -> None:
+    """Rejects keys that ``configs/common.py`` does not define and impossible values, with
+    messages naming the key."""
+    from slr_jax import pretrain
+
+    check_keys(config)
+    problems = _value_problems(config)
+    try:
+        pretrain.check_settings(config)
+    except pretrain.PretrainError as error:
+        problems.append(str(error))
+    if problems:
+        raise ConfigError("invalid config: " + "; ".join(problems) + ".")
+
+
+# The shipped config of each setting: the settings of a converted checkpoint.
+SETTING_CONFIGS = {
+    "wsss": "voc",
+    "semi": "voc_semi",
+    "semi_wo_cls": "voc_semi_wo_cls",
+    "coco": "coco",
+}
+
+
+def _as_default_type(value: Any, default: Any) -> Any:
+    """A JSON value back in the type of the config's default (JSON has no tuples)."""
+    if isinstance(default, tuple) and isinstance(value, list):
+        return tuple(_as_default_type(v, None) for v in value)
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
+    """``config`` with dotted-key ``overrides`` (``{'test.use_crf': True}``) applied; an unknown
+    key is a ConfigError."""
+    flat = flatten_keys(config)
+    unknown = sorted(set(overrides) - set(flat))
+    if unknown:
+        raise ConfigError(f"unknown config keys {unknown}; see configs/common.py.")
+    config.update_from_flattened_dict(
+        {key: _as_default_type(value, flat[key]) for key, value in overrides.items()}
+    )
+    return config
+
+
+def config_from_json(text: str) -> Any:
+    """A training workdir's ``config.json`` as a locked ConfigDict on configs/common.py's keys."""
+    import json
+
+    from configs import common
+
+    saved = json.loads(text)
+    config = common.get_config()
+    flat = flatten_keys(saved)
+    try:
+        apply_overrides(config, {k: v for k, v in flat.items() if k not in _MAPPING_KEYS})
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"the saved config does not fit configs/common.py: {error}") from None
+    for section in _MAPPING_KEYS:
+        if section in saved.get("test", {}):
+            config.test[section] = type(config.test[section])(saved["test"][section])
+    return common.finalise(config)
+
+
+def config_for_checkpoint(checkpoint: str) -> Any:
+    """The settings a checkpoint was made with: a training workdir's ``config.json``, or for a
+    variables checkpoint the shipped config of its setting (``variant``) with its ``width``."""
+    import importlib
+
+    from etils import epath
+
+    from slr_jax import checkpoint as checkpoint_lib
+
+    path = epath.Path(checkpoint)
+    saved = path / checkpoint_lib.CONFIG_FILE
+    if saved.exists():
+        return config_from_json(saved.read_text())
+    if not (path / checkpoint_lib.METADATA_FILE).exists():
+        raise ConfigError(
+            f"{checkpoint} holds neither a training config ({checkpoint_lib.CONFIG_FILE}) nor "
+            f"checkpoint metadata; pass --config=configs/<setting>.py."
+        )
+    metadata = checkpoint_lib.load_metadata(path)
+    variant = metadata.get("variant")
+    if variant not in SETTING_CONFIGS:
+        raise ConfigError(
+            f"{checkpoint} names no known setting (variant={variant!r}); pass --config."
+        )
+    config = importlib.import_module(f"configs.{SETTING_CONFIGS[variant]}").get_config()
+    with config.unlocked():
+        config.model.width = float(metadata.get("width", config.model.width))
+        config.model.num_classes = int(metadata.get("num_classes", config.model.num_classes))
+    return config

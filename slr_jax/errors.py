@@ -1,0 +1,40 @@
+"""The errors slr_jax raises for a user's mistake or a broken input.
+
+Each names the culprit and what to do in its message. Entry points (``python -m slr_jax.main``,
+``slr_jax.infer``, ``slr_jax.convert``, ``slr_jax.data.build``) print such an error as one line
+and exit non-zero; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class SlrJaxError(Exception):
+    """Base of every error caused by the user's config, files or command line."""
+
+
+class ConfigError(SlrJaxError, ValueError):
+    """The config has unknown keys or values the code cannot use."""
+
+
+class DataError(SlrJaxError, ValueError):
+    """The dataset folder, a list file or an image is missing, unreadable or inconsistent."""
+
+
+class CheckpointError(SlrJaxError, RuntimeError):
+    """A checkpoint is missing, unreadable or does not fit the model it is loaded into."""
+
+
+class InferenceError(SlrJaxError, ValueError):
+    """Inference inputs (images, folders, settings) are missing, unreadable or inconsistent."""
+
+
+class EvaluationError(SlrJaxError, ValueError):
+    """Label maps are missing, unreadable, of the wrong shape or hold out-of-range labels."""
+
+
+class TrainingError(SlrJaxError, RuntimeError):
+    """Training cannot go on (non-finite loss, bad initial checkpoint, batch size)."""
+
+
+class PretrainError(SlrJaxError, RuntimeError):
+    """Backbone pretraining cannot run or went wrong (bad settings, non-finite loss)."""
