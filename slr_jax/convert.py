@@ -15,9 +15,17 @@ Two kinds of PyTorch file are read:
   dict), keys prefixed ``backbone.``, ``aspp.``, ... (a DistributedDataParallel ``module.``
   prefix is stripped).
 
+and, for the stage-2 DeepLabV3+, torchvision's ImageNet ResNet (``resnet101-63fe2227.pth``,
+i.e. ``torchvision.models.resnet101(weights=...).state_dict()``) with ``--setting resnet101``
+(or ``resnet50``): the ``slr_jax.models.resnet.ResNet`` variables alone (``params`` +
+``batch_stats``, the ``fc.`` classifier dropped), metadata ``source='imagenet_resnet101'``;
+``slr_jax.models.deeplab.with_backbone`` puts them into a DeepLab's variables.
+
 Usage::
 
   python -m slr_jax.convert --torch model.pth --out /ckpt/slrnet_voc [--setting wsss]
+  python -m slr_jax.convert --torch resnet101-63fe2227.pth --out /ckpt/resnet101 \
+      --setting resnet101
 """
 
 from __future__ import annotations
@@ -59,6 +67,13 @@ SETTINGS = {
     "semi_wo_cls": dict(variant="semi_wo_cls", num_classes=21),
     "coco": dict(variant="coco", num_classes=81),
 }
+# torchvision ImageNet backbones for the stage-2 DeepLabV3+ (``--setting resnet101``).
+TORCHVISION_RESNETS = {
+    "resnet50": dict(depth=50, width=1.0),
+    "resnet101": dict(depth=101, width=1.0),
+}
+# torchvision's ImageNet classifier, which the backbone does not build.
+TORCHVISION_CLASSIFIER_PREFIX = "fc."
 
 
 def _torch_key(collection: str, path: tuple[str, ...], ndim: int) -> tuple[str, str]:
@@ -229,6 +244,39 @@ def convert_backbone(state_dict: Mapping, template: Mapping) -> dict:
     )
 
 
+def convert_torchvision_resnet(
+    state_dict: Mapping[str, Any], *, depth: int = 101, width: float = 1.0
+) -> dict:
+    """torchvision ``resnet{50,101}().state_dict()`` -> ``{'params', 'batch_stats'}`` of
+    ``slr_jax.models.resnet.ResNet`` (NumPy float32; conv OIHW -> HWIO).
+
+    ``state_dict`` maps keys to torch tensors or NumPy arrays (torch is not needed for NumPy);
+    a ``module.`` prefix or a ``{'state_dict': ...}`` wrapper is accepted. ``fc.*`` and
+    ``*.num_batches_tracked`` are dropped; every other key must match.
+
+    Raises:
+      CheckpointError listing every missing, unexpected and wrong-shaped key.
+    """
+    from slr_jax.models.resnet import RESNET_LAYERS, resnet_variable_shapes
+
+    if depth not in RESNET_LAYERS:
+        raise ValueError(f"depth must be one of {sorted(RESNET_LAYERS)}, got {depth}")
+    state = {
+        k: v
+        for k, v in strip_state_dict(state_dict).items()
+        if not k.startswith(TORCHVISION_CLASSIFIER_PREFIX)
+    }
+    try:
+        return torch_to_flax(state, resnet_variable_shapes(RESNET_LAYERS[depth], width))
+    except CheckpointError as e:
+        # Keep the key lists, replace the SLRNet-specific first line with the ResNet's.
+        details = str(e).split("\n", 1)[-1]
+        raise CheckpointError(
+            f"weights do not fit torchvision resnet{depth} at width {width} (a state dict of "
+            f"another depth, or not a torchvision ResNet?):\n{details}"
+        ) from None
+
+
 def looks_like_backbone_file(state_dict: Mapping) -> bool:
     """True for the ImageNet file (keys ``conv1a.weight`` ...), False for a full checkpoint."""
     return "conv1a.weight" in state_dict and not any(k.startswith("backbone.") for k in state_dict)
@@ -242,7 +290,13 @@ def main(argv: list[str] | None = None) -> int:
         "--torch", required=True, help="PyTorch .pth file (backbone or full checkpoint)"
     )
     parser.add_argument("--out", required=True, help="output folder (local or gs://)")
-    parser.add_argument("--setting", default="wsss", choices=sorted(SETTINGS))
+    parser.add_argument(
+        "--setting",
+        default="wsss",
+        choices=sorted(SETTINGS) + sorted(TORCHVISION_RESNETS),
+        help="SLRNet variant of the file, or resnet50/resnet101 for a torchvision ImageNet "
+        "ResNet (the DeepLabV3+ backbone)",
+    )
     parser.add_argument(
         "--seed", type=int, default=0, help="init seed of head weights (backbone file)"
     )
@@ -264,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
         print(f"cannot read {args.torch} as a PyTorch checkpoint: {e}", file=sys.stderr)
         return 2
+    if args.setting in TORCHVISION_RESNETS:
+        return _write_torchvision_resnet(checkpoint, args)
     setting = SETTINGS[args.setting]
     model = SLRNet(**setting)
     try:
@@ -283,6 +339,25 @@ def main(argv: list[str] | None = None) -> int:
     meta = dict(setting, width=model.width, source=source, torch_file=str(args.torch))
     path = save_variables(args.out, variables, meta)
     print(f"wrote {source} weights ({args.setting}) to {path}")
+    return 0
+
+
+def _write_torchvision_resnet(checkpoint: Any, args: argparse.Namespace) -> int:
+    """The ``--setting resnet50|resnet101`` branch of :func:`main`; returns the exit code."""
+    setting = TORCHVISION_RESNETS[args.setting]
+    try:
+        variables = convert_torchvision_resnet(checkpoint, **setting)
+    except CheckpointError as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    meta = dict(
+        setting,
+        architecture="torchvision_resnet",
+        source=f"imagenet_{args.setting}",
+        torch_file=str(args.torch),
+    )
+    path = save_variables(args.out, variables, meta)
+    print(f"wrote imagenet_{args.setting} weights to {path}")
     return 0
 
 
