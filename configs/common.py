@@ -61,6 +61,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset.flip_prob = 0.5
     config.dataset.color_jitter = (0.3, 0.3, 0.3, 0.1)
     config.dataset.image_labels_file = ""
+    # Before training, read the header of every listed training and validation file and refuse
+    # missing, empty or unreadable files and masks of the wrong size (a few ms per file).
+    config.dataset.check_files = True
     config.dataset.num_parallel_calls = 0  # 0: tf.data AUTOTUNE
     config.dataset.prefetch = 0  # 0: tf.data AUTOTUNE
     # synthetic_shapes only

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from typing import Any
 
 import jax
@@ -44,12 +45,20 @@ def _abs(path: str | os.PathLike) -> epath.Path:
 def save_variables(directory: str | os.PathLike, variables: Any, metadata: dict) -> epath.Path:
     """Writes ``variables`` (a pytree of arrays) and ``metadata`` (JSON-able) to ``directory``."""
     directory = _abs(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"{directory} is a file; write the checkpoint to a folder.")
     tree = jax.tree_util.tree_map(np.asarray, variables)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(directory / VARIABLES_DIR, tree, force=True)
-        ckptr.wait_until_finished()
-    (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(directory / VARIABLES_DIR, tree, force=True)
+            ckptr.wait_until_finished()
+        (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
+    except OSError as error:
+        raise CheckpointError(
+            f"cannot write the checkpoint to {directory} ({_first_line(error)}); choose a folder "
+            "you can write to."
+        ) from None
     return directory
 
 
@@ -65,8 +74,15 @@ def load_variables(directory: str | os.PathLike) -> tuple[dict, dict]:
             "workdir's checkpoint"
         )
     metadata = load_metadata(directory)
-    with ocp.StandardCheckpointer() as ckptr:
-        variables = ckptr.restore(directory / VARIABLES_DIR)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            variables = ckptr.restore(directory / VARIABLES_DIR)
+    # Orbax and TensorStore raise many error types for damaged files.
+    except Exception as error:  # noqa: BLE001
+        raise CheckpointError(
+            f"cannot read the variables in {directory} ({_first_line(error)}); the files are "
+            "damaged: write them again (e.g. `python -m slr_jax.convert`)."
+        ) from None
     return variables, metadata
 
 
@@ -76,19 +92,26 @@ def load_metadata(directory: str | os.PathLike) -> dict:
     return json.loads(meta_path.read_text()) if meta_path.exists() else {}
 
 
-def check_tree_shapes(expected: Any, actual: Any, what: str = "checkpoint") -> None:
-    """Raises one CheckpointError listing every missing, unexpected or wrong-shaped leaf."""
+def check_tree_shapes(
+    expected: Any, actual: Any, what: str = "checkpoint", shown: int = 12
+) -> None:
+    """Raises one CheckpointError counting the missing, unexpected and wrong-shaped leaves and
+    listing the first ``shown`` of them."""
     exp = {jax.tree_util.keystr(k): np.shape(v) for k, v in _flatten(expected)}
     got = {jax.tree_util.keystr(k): np.shape(v) for k, v in _flatten(actual)}
     missing = sorted(set(exp) - set(got))
     unexpected = sorted(set(got) - set(exp))
     wrong = sorted(k for k in set(exp) & set(got) if exp[k] != got[k])
     if missing or unexpected or wrong:
-        lines = [f"{what} does not fit the model:"]
-        lines += [f"  missing: {k} {exp[k]}" for k in missing]
+        lines = [f"  missing: {k} {exp[k]}" for k in missing]
         lines += [f"  unexpected: {k} {got[k]}" for k in unexpected]
         lines += [f"  wrong shape: {k} expected {exp[k]}, got {got[k]}" for k in wrong]
-        raise CheckpointError("\n".join(lines))
+        head = (
+            f"{what} does not fit the model ({len(missing)} missing, {len(unexpected)} "
+            f"unexpected, {len(wrong)} wrong-shaped leaves):"
+        )
+        more = [f"  ... and {len(lines) - shown} more"] if len(lines) > shown else []
+        raise CheckpointError("\n".join([head, *lines[:shown], *more]))
 
 
 def _flatten(tree: Any):
@@ -117,6 +140,31 @@ def load_initial_weights(variables: dict, path: str) -> dict:
             check_tree_shapes(variables[collection], loaded[collection], path)
             out[collection] = loaded[collection]
     return jax.tree_util.tree_map(jnp.asarray, out)
+
+
+class Preemption:
+    """Turns SIGTERM into a flag a training loop polls (save, then stop), as TPU preemption
+    needs; the previous handler comes back on exit."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. inside a test runner thread)
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 # ----------------------------------------------------------------------------- training workdirs
@@ -179,25 +227,43 @@ class TrainCheckpoints:
         )
 
     def restore_latest(self, state: Any, mesh: Mesh) -> tuple[Any, dict] | None:
-        """The latest checkpoint laid onto ``state``'s structure, replicated on ``mesh`` (any
-        device count), or None when there is none."""
+        """The newest intact checkpoint laid onto ``state``'s structure, replicated on ``mesh``
+        (any device count), or None when there is none.
+
+        A step that cannot be restored (truncated or missing files) is moved aside to
+        ``WORKDIR/damaged_checkpoints/<step>`` with a warning naming it and the error, and the
+        next older step is tried; a CheckpointError lists them when none restores.
+        """
         from slr_jax.sharding import replicated
 
-        step = self.latest.latest_step()
-        if step is None:
-            return None
         sharding = replicated(mesh)
         target = jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype, sharding=sharding),
             self._items(state),
         )
-        restored = self.latest.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()
-            ),
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()
         )
+        found = restore_newest_intact(self.latest, args)
+        if found is None:
+            return None
+        restored, _, damaged = found
+        for step in damaged:
+            self._set_aside(step)
         return state.replace(**restored["state"]), dict(restored["extra"] or {})
+
+    def _set_aside(self, step: int) -> None:
+        """Moves a damaged step out of ``checkpoints/`` (kept for inspection, never deleted),
+        so that the run can save that step number again."""
+        if jax.process_index() == 0:
+            folder = self.latest.directory / str(step)
+            aside = self.latest.directory.parent / "damaged_checkpoints" / str(step)
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            if aside.exists():
+                aside = aside.with_name(f"{step}.{os.getpid()}")
+            folder.rename(aside)
+            logging.warning("moved the damaged checkpoint of step %d to %s", step, aside)
+        self.latest.reload()
 
     def reached_preemption(self, step: int) -> bool:
         return self.latest.reached_preemption(step)
@@ -211,23 +277,68 @@ class TrainCheckpoints:
         self.best.close()
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
+def restore_newest_intact(
+    manager: ocp.CheckpointManager, args
+) -> tuple[Any, int, list[int]] | None:
+    """(restored items, their step, damaged newer steps) of the newest step of ``manager`` that
+    restores with ``args``; None when the manager holds no step. Each damaged step is logged."""
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        return None
+    damaged, reasons = [], []
+    for step in steps:
+        try:
+            restored = manager.restore(step, args=args)
+        # Orbax and TensorStore raise many error types for damaged files; any of them means
+        # this step is unusable, and an older one may still be intact.
+        except Exception as error:  # noqa: BLE001
+            damaged.append(step)
+            reasons.append(f"step {step}: {_first_line(error)}")
+            logging.warning(
+                "checkpoint step %d in %s cannot be restored (%s); trying an older step.",
+                step, manager.directory, _first_line(error),
+            )  # fmt: skip
+            continue
+        if damaged:
+            logging.warning(
+                "using step %d of %s; skipped damaged step(s) %s", step, manager.directory, damaged
+            )
+        return restored, step, damaged
+    raise CheckpointError(
+        f"no checkpoint in {manager.directory} can be restored ({'; '.join(reasons)}); the "
+        "files are damaged: restore them from a copy, or move the folder away to start over."
+    )
+
+
 def latest_variables(workdir: str, prefer_best: bool = True) -> tuple[dict, int]:
     """``{'params', 'batch_stats'}`` and the step of a training workdir's best (or latest)
-    checkpoint, as NumPy arrays (no model needed)."""
+    checkpoint, as NumPy arrays (no model needed). A damaged step is skipped with a warning:
+    the newest intact one of ``best/``, else of ``checkpoints/``, is used."""
     root = epath.Path(workdir)
+    problems = []
     for sub, item in (("best", "variables"), ("checkpoints", "state"))[0 if prefer_best else 1 :]:
         folder = root / sub
         if not folder.exists():
             continue
+        args = ocp.args.Composite(**{item: ocp.args.StandardRestore()})
         with ocp.CheckpointManager(folder) as manager:
-            step = manager.latest_step()
-            if step is None:
+            try:
+                found = restore_newest_intact(manager, args)
+            except CheckpointError as error:
+                problems.append(str(error))
                 continue
-            restored = manager.restore(
-                step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()})
-            )
+            if found is None:
+                continue
+            restored, step, _ = found
             tree = restored[item]
             return {"params": tree["params"], "batch_stats": tree["batch_stats"]}, step
+    if problems:
+        raise CheckpointError(" ".join(problems))
     raise CheckpointError(
         f"no training checkpoint under {root} (looked in best/ and checkpoints/); pass the "
         "workdir of a training run or a converted checkpoint folder."
@@ -239,9 +350,42 @@ def is_variables_checkpoint(path: str | os.PathLike) -> bool:
     return (_abs(path) / VARIABLES_DIR).exists()
 
 
+# Model settings that decide the variables' shapes, compared before the shapes themselves.
+SHAPE_SETTINGS = ("variant", "num_classes", "width", "use_low_rank")
+
+
+def saved_model_settings(checkpoint: str | os.PathLike) -> dict:
+    """The model settings a checkpoint records: a training workdir's ``config.json`` model
+    section, or a variables checkpoint's metadata ({} when it records none)."""
+    path = _abs(checkpoint)
+    if (path / CONFIG_FILE).exists():
+        try:
+            return dict(json.loads((path / CONFIG_FILE).read_text()).get("model", {}))
+        except (ValueError, AttributeError):
+            return {}
+    return load_metadata(path) if (path / METADATA_FILE).exists() else {}
+
+
+def check_model_settings(model_cfg: Any, checkpoint: str) -> None:
+    """Raises one CheckpointError naming every shape-deciding setting (``SHAPE_SETTINGS``) in
+    which the checkpoint and the config differ."""
+    saved = saved_model_settings(checkpoint)
+    differ = [
+        key for key in SHAPE_SETTINGS if key in saved and saved[key] != model_cfg[key]
+    ]  # fmt: skip
+    if differ:
+        mine = ", ".join(f"{key} {saved[key]!r}" for key in differ)
+        theirs = ", ".join(f"{key} {model_cfg[key]!r}" for key in differ)
+        raise CheckpointError(
+            f"checkpoint {checkpoint} has model {mine}; the config has model {theirs}. Drop "
+            "--config to use the checkpoint's own settings, or pass the config it was made with."
+        )
+
+
 def load_model_variables(model_cfg: Any, checkpoint: str) -> dict:
-    """``{'params', 'batch_stats'}`` from a training workdir (its best, else latest, step) or a
-    variables checkpoint, checked against the model ``model_cfg`` builds."""
+    """``{'params', 'batch_stats'}`` from a training workdir (its best, else latest, intact
+    step) or a variables checkpoint, checked against the model ``model_cfg`` builds: first the
+    settings the checkpoint records, then every leaf's shape."""
     from slr_jax.models import build_model, variable_shapes
 
     path = _abs(checkpoint)
@@ -250,14 +394,9 @@ def load_model_variables(model_cfg: Any, checkpoint: str) -> dict:
             f"--checkpoint {checkpoint} is not a folder; pass a training workdir or the output "
             "of `python -m slr_jax.convert`."
         )
+    check_model_settings(model_cfg, checkpoint)
     if is_variables_checkpoint(path):
-        variables, metadata = load_variables(path)
-        for key in ("variant", "num_classes"):
-            if key in metadata and metadata[key] != model_cfg[key]:
-                raise CheckpointError(
-                    f"{checkpoint} was converted for {key}={metadata[key]!r} but the config has "
-                    f"model.{key}={model_cfg[key]!r}; use the matching configs/*.py."
-                )
+        variables, _ = load_variables(path)
     else:
         variables, step = latest_variables(checkpoint)
         logging.info("using the checkpoint of step %d in %s", step, checkpoint)

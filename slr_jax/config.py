@@ -45,8 +45,36 @@ def check_keys(config: Any) -> None:
         raise ConfigError(f"config lacks {missing}; build configs from configs/common.py.")
 
 
-def _value_problems(config: Any) -> list[str]:
+# Counts and intervals that must be at least 1 (a checkpoint kept, a log line written, ...)
+# or at least 0 (0 switches the feature off).
+_AT_LEAST_ONE = (
+    "checkpoint.keep", "checkpoint.every_steps", "train.batch_size", "train.num_epochs",
+    "train.log_every_steps", "model.num_iters", "test.num_iters", "test.top_k",
+    "loss.pamr_iters", "dataset.oversample_rate",
+)  # fmt: skip
+_AT_LEAST_ZERO = (
+    "train.total_steps", "train.pretrain_epochs", "train.image_every_steps",
+    "train.eval_every_epochs", "train.eval_limit", "train.max_nonfinite_steps",
+    "pretrain.steps", "dataset.num_train", "dataset.num_val", "test.bucket_step",
+)  # fmt: skip
+
+
+def _bound_problems(flat: dict[str, Any]) -> list[str]:
     problems = []
+    for key, low in [(k, 1) for k in _AT_LEAST_ONE] + [(k, 0) for k in _AT_LEAST_ZERO]:
+        value = flat[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            why = " (0 would delete every checkpoint as it is written)"
+            meaning = why if key == "checkpoint.keep" else ""
+            problems.append(f"{key}={value!r} must be an integer >= {low}{meaning}")
+    for key in ("model.width", "train.lr", "model.temperature"):
+        if not flat[key] > 0:
+            problems.append(f"{key}={flat[key]!r} must be > 0")
+    return problems
+
+
+def _value_problems(config: Any, mode: str) -> list[str]:
+    problems = _bound_problems(flatten_keys(config))
     model, train = config.model, config.train
     if model.variant not in VARIANTS:
         problems.append(f"model.variant={model.variant!r} not in {VARIANTS}")
@@ -54,15 +82,11 @@ def _value_problems(config: Any) -> list[str]:
         problems.append(f"model.dtype={model.dtype!r} must be one of {DTYPES}")
     if model.variant == "coco" and model.num_classes != 81:
         problems.append("the coco variant needs model.num_classes=81")
-    if train.batch_size < 1:
-        problems.append(f"train.batch_size={train.batch_size} must be >= 1")
-    if not 0 <= train.pretrain_epochs < train.num_epochs:
+    if mode == "train" and not train.pretrain_epochs < train.num_epochs:
         problems.append(
-            f"need 0 <= train.pretrain_epochs ({train.pretrain_epochs}) < "
+            f"need train.pretrain_epochs ({train.pretrain_epochs}) < "
             f"train.num_epochs ({train.num_epochs})"
         )
-    if config.checkpoint.every_steps < 1:
-        problems.append("checkpoint.every_steps must be >= 1")
     if len(config.loss.loss_coeff) != 4:
         problems.append("loss.loss_coeff needs 4 values (cls, mask, code, seg)")
     weights = config.loss.class_weights
@@ -74,17 +98,18 @@ def _value_problems(config: Any) -> list[str]:
     return problems
 
 
-def validate_config(config: Any) -> None:
+def validate_config(config: Any, mode: str = "train") -> None:
     """Rejects keys that ``configs/common.py`` does not define and impossible values, with
-    messages naming the key."""
+    messages naming the key. ``mode`` 'evaluate' / 'infer' skips what only training uses."""
     from slr_jax import pretrain
 
     check_keys(config)
-    problems = _value_problems(config)
-    try:
-        pretrain.check_settings(config)
-    except pretrain.PretrainError as error:
-        problems.append(str(error))
+    problems = _value_problems(config, mode)
+    if mode == "train":
+        try:
+            pretrain.check_settings(config)
+        except pretrain.PretrainError as error:
+            problems.append(str(error))
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems) + ".")
 

@@ -362,4 +362,9 @@ def _write_torchvision_resnet(checkpoint: Any, args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from slr_jax.errors import SlrJaxError
+
+    try:
+        sys.exit(main())
+    except SlrJaxError as error:
+        sys.exit(f"error: {error}")

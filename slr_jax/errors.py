@@ -38,3 +38,7 @@ class TrainingError(SlrJaxError, RuntimeError):
 
 class PretrainError(SlrJaxError, RuntimeError):
     """Backbone pretraining cannot run or went wrong (bad settings, non-finite loss)."""
+
+
+class Preempted(Exception):  # noqa: N818 - a signal to stop, not an error of the user's
+    """SIGTERM arrived and the state was saved: the run stops and resumes when rerun."""

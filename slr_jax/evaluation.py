@@ -94,13 +94,15 @@ def pseudo_label_scores(config: Any, variables: Any, limit: int = 0) -> dict | N
     leaves unassigned count as background, the evaluation's convention for ignored
     predictions. One compiled program for every image size. None without ground truth."""
     from slr_jax.data import eval_dataset
-    from slr_jax.infer.preprocess import example_fields
+    from slr_jax.infer.preprocess import example_error, example_fields
 
     crop = config.dataset.crop_size
     size = (crop, crop) if isinstance(crop, int) else tuple(crop)
     visuals_fn = make_visuals_fn(config, build_model(config.model))
     accumulator = metrics.ConfusionAccumulator(int(config.model.num_classes))
     for example in eval_dataset(config, limit=limit or None):
+        if example_error(example):
+            continue  # listed by evaluate_model's inference
         fields = example_fields(example)
         if fields is None or fields["mask"] is None or fields["labels"] is None:
             continue
@@ -132,6 +134,7 @@ def results_of(config, step: int, summary: dict, pseudo: dict | None, out_dir: s
         "pseudo_label_per_class_iou": _per_class(names, pseudo["iou"]) if pseudo else {},
         "pixel_accuracy": float(scores["pixel_accuracy"]),
         "out_dir": out_dir,
+        "unreadable": [{"name": name, "error": why} for name, why in summary["failed"]],
     }
     if "crf" in summary["scores"]:
         result["crf_miou"] = float(summary["scores"]["crf"]["miou"])
@@ -142,11 +145,15 @@ def results_of(config, step: int, summary: dict, pseudo: dict | None, out_dir: s
 def evaluate_and_keep_best(config, state, checkpoints, workdir: str, step: int, writer) -> dict:
     """Val-split inference (``config.test``), pseudo-label scores, the best checkpoint (via
     ``checkpoints.save_best``) and ``WORKDIR/results.json``; returns the results record, or
-    {} when no validation image has ground truth."""
+    {} when no validation image has ground truth. Unreadable validation examples (a corrupt
+    file, a mask of another size) are skipped, logged and listed under ``unreadable``: a
+    finished training run is never thrown away for one bad file."""
     variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
     out_dir = os.path.join(workdir, "eval", f"step_{step}")
     limit = int(config.train.eval_limit)
     summary = evaluate_model(config, variables, out_dir, limit)
+    for name, why in summary["failed"]:
+        logging.warning("evaluation skipped %s: %s", name, why)
     if "pred" not in summary["scores"]:
         logging.warning("no validation image has ground truth; skipped scoring.")
         return {}

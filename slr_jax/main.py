@@ -16,7 +16,8 @@ the settings are the checkpoint's own (``slr_jax.config.config_for_checkpoint``)
 such as ``--config.test.use_crf=True`` apply to them.
 
 Exit status: 0 when the run finished, 1 for a user error (one line on stderr naming the
-culprit; ``--debug`` shows the traceback), 2 for bad flags, and
+culprit; ``--debug`` shows the traceback) and for evaluate/infer runs that skipped unreadable
+images (every readable one is processed; the skipped ones are listed), 2 for bad flags, and
 :data:`EXIT_PREEMPTED` when training stopped on SIGTERM after saving a checkpoint (rerun the
 same command to resume).
 """
@@ -40,18 +41,28 @@ MODES = ("train", "evaluate", "infer")
 EXIT_PREEMPTED = 75
 COMMON_CONFIG = os.path.join(_REPO_ROOT, "configs", "common.py")
 
-# config_flags reads ``--config.KEY=...`` overrides from sys.argv when the flag is defined and
-# raises on an unknown KEY there; the error is reported as one line when the flags are parsed.
+# config_flags reads ``--config.KEY=...`` overrides from sys.argv when the flag is defined or
+# parsed and raises on an unknown KEY; the error is reported as one line when flags are parsed.
 _STARTUP_ERRORS: list[str] = []
+
+
+def _unknown_key_message(error: BaseException) -> str:
+    """One line from ml_collections' "'lrr'\\nDid you mean "lr" instead of "lrr"?" error."""
+    text = str(error).replace("\\n", "\n").replace("\\", "").replace("'", "")
+    key, _, hint = text.strip().partition("\n")
+    hint = f"; {hint.strip()[:1].lower()}{hint.strip()[1:]}" if hint.strip() else ""
+    return (
+        f"a --config.KEY override names no config key ({key.strip()}{hint}); the known keys "
+        "are listed in configs/common.py."
+    )
+
+
 try:
     _CONFIG = config_flags.DEFINE_config_file(
         "config", COMMON_CONFIG, "ml_collections config file (configs/*.py)", lock_config=True
     )
 except (AttributeError, KeyError, TypeError, ValueError) as _error:
-    _STARTUP_ERRORS.append(
-        f"a --config.KEY override names no config key ({str(_error).strip(chr(39))!s}); the "
-        "known keys are listed in configs/common.py."
-    )
+    _STARTUP_ERRORS.append(_unknown_key_message(_error))
     _CONFIG = None
 _WORKDIR = flags.DEFINE_string("workdir", None, "training directory (local or gs://)")
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "what to run")
@@ -78,11 +89,13 @@ def _config_given() -> bool:
 def _loaded_config() -> Any:
     """The ``--config`` file's config (or configs/common.py's) with the overrides applied."""
     try:
-        return _CONFIG.value
+        config = _CONFIG.value
+        config.keys()  # config_flags reports a file it could not load at the first access
+        return config
     except OSError as error:
-        first = str(error).strip().splitlines()[0]
         detail = str(error).strip().splitlines()[-1].strip()
-        raise ConfigError(f"--config: {first} ({detail}).") from None
+        name = config_flags.get_config_filename(flags.FLAGS["config"])
+        raise ConfigError(f"--config {name} cannot be loaded ({detail}).") from None
 
 
 def resolve_config(mode: str) -> Any:
@@ -109,11 +122,13 @@ def run_evaluate_or_infer(config: Any, mode: str) -> dict:
     from slr_jax.checkpoint import load_model_variables
     from slr_jax.infer import run_inference
     from slr_jax.infer.preprocess import collect_image_paths, photographs
+    from slr_jax.infer.runner import prepare_output_dir
 
     if not _CHECKPOINT.value or not _OUTPUT.value:
         raise ConfigError(f"--mode={mode} needs --checkpoint=DIR and --output=DIR.")
     if _USE_CLS_LABEL.value:
         config.test.use_image_labels = True
+    prepare_output_dir(_OUTPUT.value)  # before loading anything
     variables = load_model_variables(config.model, _CHECKPOINT.value)
     if _IMAGES.value:
         if mode == "evaluate":
@@ -129,15 +144,31 @@ def run_evaluate_or_infer(config: Any, mode: str) -> dict:
         out_dir = os.path.join(_OUTPUT.value, f"scores_{kind}")
         table = evaluation.write_scores(out_dir, scores, int(config.model.num_classes))
         print(f"[{kind}]\n{table}")
+    for name, why in summary["failed"]:
+        print(f"error: skipped {name}: {why}", file=sys.stderr)
     return summary
+
+
+def check_workdir(workdir: str | None) -> None:
+    """A missing ``--workdir``, or one that is an existing file or cannot be created, is a
+    ConfigError (before any compute)."""
+    if not workdir:
+        raise ConfigError("--mode=train needs --workdir=DIR (local or gs://).")
+    if "://" in workdir:
+        return
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir {workdir} is a file; pass a folder (new, or a run's).")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"cannot create --workdir {workdir} ({error.strerror}).") from None
 
 
 def run_train(config: Any) -> int:
     """Trains in ``--workdir``; returns the exit status (0, or :data:`EXIT_PREEMPTED`)."""
     from slr_jax.train import train_and_evaluate
 
-    if not _WORKDIR.value:
-        raise ConfigError("--mode=train needs --workdir=DIR (local or gs://).")
+    check_workdir(_WORKDIR.value)
     result = train_and_evaluate(config, _WORKDIR.value)
     if result["preempted"]:
         print(
@@ -164,15 +195,18 @@ def main(argv: list[str], default_mode: str = "train") -> None:
     mode = _MODE.value if flags.FLAGS["mode"].present else default_mode
     try:
         config = resolve_config(mode)
-        validate_config(config)
+        validate_config(config, mode)
         maybe_initialize_distributed(_DISTRIBUTED.value)
-        status = run_train(config) if mode == "train" else run_evaluate_or_infer(config, mode)
+        if mode == "train":
+            status = run_train(config)
+        else:
+            status = 1 if run_evaluate_or_infer(config, mode)["failed"] else 0
     except SlrJaxError as error:
         if _DEBUG.value:
             raise
         logging.flush()
         sys.exit(f"error: {error}")
-    if mode == "train" and status:
+    if status:
         sys.exit(status)
 
 
@@ -181,8 +215,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         remaining = flags.FLAGS(argv)
     except flags.Error as error:
-        message = _STARTUP_ERRORS[0] if _STARTUP_ERRORS else str(error)
-        sys.exit(print(f"error: {message} (see --help)", file=sys.stderr) or 2)
+        message = _STARTUP_ERRORS[0] if _STARTUP_ERRORS else f"{error} (see --help)"
+        sys.exit(print(f"error: {message}", file=sys.stderr) or 2)
+    except (AttributeError, KeyError) as error:  # config_flags: an override of no config key
+        _STARTUP_ERRORS.append(_unknown_key_message(error))
     if _STARTUP_ERRORS:
         sys.exit(print(f"error: {_STARTUP_ERRORS[0]}", file=sys.stderr) or 2)
     return remaining

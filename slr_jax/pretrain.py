@@ -28,17 +28,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
 from slr_jax import checkpoint as checkpoint_lib
-from slr_jax.errors import PretrainError
+from slr_jax.errors import Preempted, PretrainError
 from slr_jax.losses import multilabel_soft_margin
 from slr_jax.models.backbone import WideResNet38
 from slr_jax.sharding import data_sharded, replicated, shard_batch
 
 CHECKPOINT_DIR = "pretrained_backbone"
+PROGRESS_DIR = "pretrain_checkpoints"
 METRICS_FILE = "pretrain_metrics.jsonl"
 
 
@@ -139,6 +141,74 @@ def _metadata(config: Any) -> dict:
     }
 
 
+def _build(config: Any, mesh: Mesh):
+    """(model, jitted sharded step, initial (params, batch_stats, opt_state), step key)."""
+    model = BackboneClassifier(
+        int(config.model.num_classes) - 1, float(config.model.width), jnp.dtype(config.model.dtype)
+    )
+    crop = int(config.dataset.crop_size)
+    init_key, step_key = jax.random.split(jax.random.fold_in(jax.random.key(int(config.seed)), 1))
+    variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, crop, crop, 3)), train=False))(
+        init_key
+    )
+    tx = make_optimizer(config.pretrain)
+    state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
+    state_sharding, data = replicated(mesh), data_sharded(mesh)
+    step_fn = jax.jit(
+        make_step(model, tx),
+        in_shardings=(*(state_sharding,) * 3, data, data, state_sharding),
+        out_shardings=state_sharding,
+        donate_argnums=(0, 1, 2),
+    )
+    return step_fn, jax.device_put(state, state_sharding), step_key
+
+
+class _ProgressCheckpoints:
+    """The pretraining state (params, batch_stats, opt_state) every ``checkpoint.every_steps``
+    steps and on SIGTERM, under ``WORKDIR/pretrain_checkpoints``, so a stopped pretraining
+    resumes where it stopped; removed once the finished backbone is written."""
+
+    def __init__(self, workdir: str, config: Any, metadata: dict):
+        self.folder = epath.Path(workdir) / PROGRESS_DIR
+        options = ocp.CheckpointManagerOptions(max_to_keep=int(config.checkpoint.keep), create=True)
+        self.manager = ocp.CheckpointManager(self.folder, options=options)
+        self.metadata = metadata
+
+    def restore(self, state: tuple, mesh: Mesh) -> tuple[tuple, int]:
+        """(state, step) of the newest intact checkpoint made with the same settings, else
+        (``state``, 0)."""
+        sharding = replicated(mesh)
+        target = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), list(state)
+        )
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()
+        )
+        found = checkpoint_lib.restore_newest_intact(self.manager, args)
+        if found is None:
+            return state, 0
+        restored, step, _ = found
+        if restored["extra"] != self.metadata:
+            logging.warning(
+                "backbone pretraining: %s has other settings; starting over.", self.folder
+            )
+            return state, 0
+        logging.info("backbone pretraining: resuming at step %d", step)
+        return tuple(restored["state"]), step
+
+    def save(self, state: tuple, step: int) -> None:
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(list(state)), extra=ocp.args.JsonSave(self.metadata)
+        )
+        self.manager.save(step, args=args, force=True)
+        self.manager.wait_until_finished()
+
+    def remove(self) -> None:
+        self.manager.close()
+        if jax.process_index() == 0:
+            self.folder.rmtree(missing_ok=True)
+
+
 def pretrain_backbone(
     config: Any,
     workdir: str,
@@ -148,7 +218,9 @@ def pretrain_backbone(
 ) -> str:
     """Trains the backbone classifier for ``config.pretrain.steps`` steps; returns the path of
     the backbone checkpoint under ``workdir``. A checkpoint already written there with the same
-    settings is returned as it is (a restarted run does not pretrain again).
+    settings is returned as it is (a restarted run does not pretrain again); a pretraining
+    stopped part way (SIGTERM: :class:`slr_jax.errors.Preempted` after saving; or killed)
+    resumes from its last saved step.
 
     ``batches`` yields this process's NumPy batches (``image`` (B, H, W, 3), ``labels``
     (B, C-1)); by default the training pipeline of ``config.dataset``. The batch is sharded over
@@ -157,86 +229,82 @@ def pretrain_backbone(
     from slr_jax import data as data_lib
 
     check_settings(config)
-    cfg = config.pretrain
     out_dir = epath.Path(workdir) / CHECKPOINT_DIR
     metadata = _metadata(config)
     meta_file = out_dir / checkpoint_lib.METADATA_FILE
     if meta_file.exists() and json.loads(meta_file.read_text()) == metadata:
         logging.info("backbone pretraining: reusing %s", out_dir)
         return os.fspath(out_dir)
-
-    model = BackboneClassifier(
-        int(config.model.num_classes) - 1, float(config.model.width), jnp.dtype(config.model.dtype)
-    )
-    crop = int(config.dataset.crop_size)
-    init_key, step_key = jax.random.split(jax.random.fold_in(jax.random.key(int(config.seed)), 1))
-    variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, crop, crop, 3)), train=False))(
-        init_key
-    )
-    params, batch_stats = variables["params"], variables["batch_stats"]
-    tx = make_optimizer(cfg)
-    opt_state = tx.init(params)
-    state_sharding, data = replicated(mesh), data_sharded(mesh)
-    step_fn = jax.jit(
-        make_step(model, tx),
-        in_shardings=(*(state_sharding,) * 3, data, data, state_sharding),
-        out_shardings=state_sharding,
-        donate_argnums=(0, 1, 2),
-    )
-    params, batch_stats, opt_state = jax.device_put(
-        (params, batch_stats, opt_state), state_sharding
-    )
+    step_fn, state, step_key = _build(config, mesh)
+    progress = _ProgressCheckpoints(workdir, config, metadata)
+    state, start = progress.restore(state, mesh)
     own_batches = batches is None
     if own_batches:
-        batches = data_lib.train_dataset(config)
+        position = start * int(config.train.batch_size)
+        batches = data_lib.train_dataset(config, start_position=position)
     try:
-        params, batch_stats, lines = _train_loop(
-            config, step_fn, (params, batch_stats, opt_state), batches, mesh, step_key
+        params, batch_stats, _ = _train_loop(
+            config, workdir, step_fn, state, batches, mesh, step_key, start, progress
         )
     finally:
         if own_batches and hasattr(batches, "close"):
             batches.close()
     variables = {"params": {"backbone": params["backbone"]},
                  "batch_stats": {"backbone": batch_stats["backbone"]}}  # fmt: skip
-    if jax.process_index() == 0:
-        metrics_path = epath.Path(workdir) / METRICS_FILE
-        metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        metrics_path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     # The metadata file is written last: a half-written checkpoint is never reused.
     if meta_file.exists():
         meta_file.unlink()
     checkpoint_lib.save_variables(out_dir, jax.device_get(variables), metadata)
+    progress.remove()
     logging.info("backbone pretraining: wrote %s", out_dir)
     return os.fspath(out_dir)
 
 
-def _train_loop(config, step_fn, state, batches, mesh, step_key):
-    """Runs the pretraining steps -> (params, batch_stats, logged lines)."""
-    params, batch_stats, opt_state = state
-    cfg = config.pretrain
+def _log_line(config: Any, workdir: str, line: dict, truncate: bool) -> None:
+    """Appends one logged step to ``WORKDIR/pretrain_metrics.jsonl`` (process 0)."""
+    if jax.process_index() != 0:
+        return
+    path = epath.Path(workdir) / METRICS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w" if truncate else "a") as handle:
+        handle.write(json.dumps(line) + "\n")
+    total = int(config.pretrain.steps)
+    logging.info(
+        "backbone pretraining step %d/%d: loss %.4f | %.2f steps/s",
+        line["step"], total, line["loss"], line["steps_per_s"],
+    )  # fmt: skip
 
+
+def _train_loop(config, workdir, step_fn, state, batches, mesh, step_key, start, progress):
+    """Runs pretraining steps ``start + 1 .. pretrain.steps`` -> the final state. Saves it
+    every ``checkpoint.every_steps`` steps; on SIGTERM saves it and raises Preempted."""
+    cfg = config.pretrain
     total, log_every = int(cfg.steps), max(int(config.train.log_every_steps), 1)
-    lines, pending, tick = [], [], time.perf_counter()
-    for step in range(1, total + 1):
-        batch = shard_batch(next(batches), mesh, keys=("image", "labels"))
-        key = jax.random.fold_in(step_key, step)
-        params, batch_stats, opt_state, loss = step_fn(
-            params, batch_stats, opt_state, batch["image"], batch["labels"], key
-        )
-        pending.append(loss)
-        if step % log_every == 0 or step == total:
-            losses = np.asarray(jax.device_get(pending), np.float64)
-            pending = []
-            if not np.all(np.isfinite(losses)):
-                raise PretrainError(
-                    f"backbone pretraining: non-finite loss by step {step}; lower "
-                    f"config.pretrain.lr (now {cfg.lr})."
-                )
-            rate = len(losses) / max(time.perf_counter() - tick, 1e-9)
-            tick = time.perf_counter()
-            lines.append({"step": step, "loss": float(losses.mean()), "steps_per_s": rate})
-            logging.info(
-                "backbone pretraining step %d/%d: loss %.4f | %.2f steps/s",
-                step, total, losses.mean(), rate,
-            )  # fmt: skip
-    return params, batch_stats, lines
+    save_every = int(config.checkpoint.every_steps)
+    pending, tick, first_line = [], time.perf_counter(), start == 0
+    with checkpoint_lib.Preemption() as preemption:
+        for step in range(start + 1, total + 1):
+            batch = shard_batch(next(batches), mesh, keys=("image", "labels"))
+            key = jax.random.fold_in(step_key, step)
+            *state, loss = step_fn(*state, batch["image"], batch["labels"], key)
+            pending.append(loss)
+            if step % log_every == 0 or step == total:
+                losses = np.asarray(jax.device_get(pending), np.float64)
+                pending = []
+                if not np.all(np.isfinite(losses)):
+                    raise PretrainError(
+                        f"backbone pretraining: non-finite loss by step {step}; lower "
+                        f"config.pretrain.lr (now {cfg.lr})."
+                    )
+                rate = len(losses) / max(time.perf_counter() - tick, 1e-9)
+                tick = time.perf_counter()
+                line = {"step": step, "loss": float(losses.mean()), "steps_per_s": rate}
+                _log_line(config, workdir, line, truncate=first_line)
+                first_line = False
+            if preemption.requested:
+                progress.save(state, step)
+                logging.warning("backbone pretraining stopped at step %d for preemption.", step)
+                raise Preempted(f"backbone pretraining stopped at step {step}")
+            if step % save_every == 0 and step < total:
+                progress.save(state, step)
+    return tuple(state)

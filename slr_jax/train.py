@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import math
 import os
-import signal
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -37,7 +36,7 @@ from jax.sharding import Mesh
 
 from slr_jax import checkpoint as checkpoint_lib
 from slr_jax import evaluation, optim, pretrain, summaries
-from slr_jax.errors import TrainingError
+from slr_jax.errors import Preempted, TrainingError
 from slr_jax.losses import slrnet_objective
 from slr_jax.models import build_model, init_variables
 from slr_jax.sharding import (
@@ -219,30 +218,6 @@ def compile_train_step(
 # ----------------------------------------------------------------------------- the loop
 
 
-class Preemption:
-    """Turns SIGTERM into a flag the loop polls (save, then stop), as TPU preemption needs."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. inside a test runner thread)
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        del signum, frame
-        logging.warning("SIGTERM received: saving a checkpoint and stopping.")
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
 def _nonfinite_error(count: int, limit: int, step: int, metrics: dict) -> TrainingError:
     bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
     terms = ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
@@ -271,7 +246,8 @@ def train_and_evaluate(
     'preempted'}`` (``history``: the metrics of every logging step).
 
     ``train_iterator_fn(start_position)`` yields this process's NumPy batches from the given
-    stream position; by default the tf.data pipeline of ``config.dataset``.
+    position of the global stream (examples consumed: ``step * train.batch_size``); by default
+    the tf.data pipeline of ``config.dataset``, whose stream depends on the seed alone.
     """
     from slr_jax import data as data_lib
 
@@ -279,30 +255,34 @@ def train_and_evaluate(
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     mesh = make_mesh()
     check_batch_size(int(config.train.batch_size), mesh)
+    # Every listed training and validation file is checked before any compute is spent.
     plan = plan_steps(config.train, data_lib.num_train_examples(config))
+    data_lib.eval_examples(config, check_files=True)
     logging.info("plan: %s on %d devices", plan, mesh.devices.size)
     model = build_model(config.model)
     learning_rate_fn = plan.learning_rate_fn(config.train.lr)
+    try:
+        init_checkpoint = _initial_weights(config, workdir, mesh)
+    except Preempted:
+        return {"step": 0, "metrics": {}, "history": [], "eval": {}, "preempted": True}
     state = create_train_state(
         config, model, learning_rate_fn, jax.random.key(int(config.seed)),
-        init_checkpoint=_initial_weights(config, workdir, mesh),
+        init_checkpoint=init_checkpoint,
     )  # fmt: skip
     checkpoints = checkpoint_lib.TrainCheckpoints(workdir, config.checkpoint)
     restored = checkpoints.restore_latest(state, mesh)
-    extra: dict[str, Any] = {}
     if restored is not None:
-        state, extra = restored
+        state = restored[0]
         logging.info("resumed from step %d", int(state.step))
     state = jax.device_put(state, replicated(mesh))
     if jax.process_index() == 0:
         config_text = config.to_json_best_effort(indent=2)
         (epath.Path(workdir) / checkpoint_lib.CONFIG_FILE).write_text(config_text)
-    per_process_batch = int(config.train.batch_size) // jax.process_count()
-    position = int(extra.get("data_position", int(jax.device_get(state.step)) * per_process_batch))
+    position = int(jax.device_get(state.step)) * int(config.train.batch_size)
     if train_iterator_fn is None:
         train_iterator_fn = lambda start: data_lib.train_dataset(config, start_position=start)
     batches = train_iterator_fn(position)
-    loop = TrainLoop(config, workdir, plan, mesh, model, checkpoints, position, per_process_batch)
+    loop = TrainLoop(config, workdir, plan, mesh, model, checkpoints)
     try:
         return loop.run(
             state, batches, compile_train_step(config, plan, learning_rate_fn, mesh, state)
@@ -317,12 +297,9 @@ class TrainLoop:
     """The step loop of :func:`train_and_evaluate`: steps, logging, images, checkpoints,
     periodic evaluation and preemption."""
 
-    def __init__(
-        self, config, workdir, plan, mesh, model, checkpoints, position, per_process_batch
-    ):
+    def __init__(self, config, workdir, plan, mesh, model, checkpoints):
         self.config, self.workdir, self.plan, self.mesh = config, workdir, plan, mesh
         self.model, self.checkpoints = model, checkpoints
-        self.position, self.per_process_batch = position, per_process_batch
         self.log_every = max(int(config.train.log_every_steps), 1)
         self.eval_every = int(config.train.eval_every_epochs) * plan.steps_per_epoch
         self.image_every = int(config.train.image_every_steps)
@@ -332,14 +309,16 @@ class TrainLoop:
         self.visuals_fn = None
 
     def extra(self, step: int) -> dict:
-        """What a checkpoint records beside the state: the data position and the epoch."""
-        return {"data_position": self.position, "epoch": step / self.plan.steps_per_epoch}
+        """What a checkpoint records beside the state: the position in the global data stream
+        (examples consumed, which the step determines) and the epoch."""
+        position = step * int(self.config.train.batch_size)
+        return {"data_position": position, "epoch": step / self.plan.steps_per_epoch}
 
     def run(self, state: TrainState, batches: Iterator[Batch], step_fn) -> dict[str, Any]:
         start_step = int(jax.device_get(state.step))
         step, eval_summary = start_step, {}
         self.tick, self.tick_step = time.perf_counter(), start_step
-        with Preemption() as preemption:
+        with checkpoint_lib.Preemption() as preemption:
             while step < self.plan.total_steps:
                 try:
                     batch = next(batches)
@@ -347,7 +326,6 @@ class TrainLoop:
                     raise TrainingError(
                         "the training input ended; it should repeat forever."
                     ) from None
-                self.position += self.per_process_batch
                 state, metrics = step_fn(state, shard_batch(batch, self.mesh))
                 self.pending.append(metrics)
                 step += 1

@@ -298,11 +298,14 @@ def test_missing_listed_image_is_reported_before_training(voc_root, tmp_path):
     write_synthetic_voc(root, num_train=3, num_val=1, size=24, num_classes=3, seed=0)
     victim = sorted((root / "JPEGImages").glob("*.jpg"))[0]
     victim.unlink()
-    with pytest.raises(DataError, match=f"1 listed file.* do not exist, e.g. {victim}"):
+    message = f"1 of 3 listed examples cannot be used: {victim} .missing."
+    with pytest.raises(DataError, match=message):
         pipeline.train_examples(make_config(root))
 
 
-def test_corrupt_jpeg_error_names_the_file(tmp_path):
+def test_corrupt_jpeg_is_named_and_never_ends_a_run(tmp_path, caplog):
+    """Refused before training (one line naming it); evaluation lists it and goes on; with the
+    check off, training replaces it and logs it once."""
     root = tmp_path / "voc"
     write_synthetic_voc(root, num_train=4, num_val=2, size=24, num_classes=3, seed=0)
     victim = sorted((root / "JPEGImages").glob("*.jpg"))[0]
@@ -311,11 +314,17 @@ def test_corrupt_jpeg_error_names_the_file(tmp_path):
     cfg.model.num_classes = 3
     cfg.dataset.crop_size = 16
     cfg.train.batch_size = 2
-    with pytest.raises(DataError) as error:
-        single_process_eval(cfg, split="train")
-    assert f"Cannot decode image {victim}" in str(error.value)
-    with pytest.raises(DataError, match=f"Cannot decode image {victim}"):
-        take(single_process_train(cfg), 2)
+    with pytest.raises(DataError, match=f"{victim} .not a readable image"):
+        pipeline.train_examples(cfg)
+    batches = single_process_eval(cfg, split="train")
+    errors = [b["error"][0] for b in batches if b["error"][0]]
+    assert len(batches) == 4 and len(errors) == 1
+    assert f"Cannot decode image {victim}" in errors[0]
+    cfg.dataset.check_files = False
+    with caplog.at_level("WARNING"):
+        for batch in take(single_process_train(cfg), 4):
+            assert batch["image"].shape == (2, 16, 16, 3)
+    assert f"Cannot decode image {victim}" in caplog.text
 
 
 def test_rgb_mask_is_rejected(tmp_path):
@@ -464,14 +473,32 @@ def test_train_pipeline_is_seeded(voc_root):
     assert not np.array_equal(first[0]["image"], other[0]["image"])
 
 
-def test_train_pipeline_shards_over_processes(voc_root):
-    cfg = make_config(voc_root)
-    shards = [
-        take(pipeline.train_dataset(cfg, process_index=i, process_count=2), 1)[0] for i in (0, 1)
-    ]
-    for shard in shards:
-        check_train_batch(shard, 2)  # global batch 4 over 2 processes
-    assert not np.array_equal(shards[0]["image"], shards[1]["image"])
+def test_global_batches_do_not_depend_on_the_number_of_processes(voc_root):
+    """The global batch sequence is a function of the seed alone: the rows 1, 2 or 4 processes
+    read, put side by side, are the one-process batches, across an epoch boundary and from a
+    resumed position alike."""
+    cfg = make_config(voc_root)  # global batch 4, 10 examples: 5 batches span two epochs
+    steps = 5
+    single = take(pipeline.train_dataset(cfg, process_index=0, process_count=1), steps)
+    for count in (2, 4):
+        shards = [
+            take(pipeline.train_dataset(cfg, process_index=i, process_count=count), steps)
+            for i in range(count)
+        ]
+        for shard in shards[0]:
+            check_train_batch(shard, 4 // count)
+        for step in range(steps):
+            for key in single[step]:
+                joined = np.concatenate([shard[step][key] for shard in shards])
+                np.testing.assert_array_equal(joined, single[step][key], err_msg=f"{count} {key}")
+    resumed = take(pipeline.train_dataset(cfg, start_position=3 * 4, process_count=1,
+                                          process_index=0), 2)  # fmt: skip
+    for key in single[3]:
+        np.testing.assert_array_equal(resumed[0][key], single[3][key])
+        np.testing.assert_array_equal(resumed[1][key], single[4][key])
+    # Every example once per epoch (drawn again, in another order, the next epoch).
+    orders = [[pipeline.example_at(q, 8, 0) for q in range(e * 8, e * 8 + 8)] for e in (0, 1)]
+    assert sorted(orders[0]) == sorted(orders[1]) == list(range(8)) and orders[0] != orders[1]
     cfg.train.batch_size = 3
     with pytest.raises(ValueError, match="batch_size 3 is not divisible by the 2 processes"):
         pipeline.train_dataset(cfg, process_index=0, process_count=2)
@@ -524,11 +551,13 @@ def test_pipelines_are_deterministic_without_the_autotune_model(voc_root):
     cfg = make_config(voc_root)
     examples = voc.training_examples(cfg.dataset.manual_dir, "train_aug")
     dataset = cfg.dataset
-    train = pipeline.build_train_dataset(
-        examples, num_classes=NUM_CLASSES, batch_size=2, crop_size=16, seed=0,
+    augment = dict(
         scale=dataset.scale_range, ratio=dataset.ratio_range, flip_prob=dataset.flip_prob,
         jitter=dataset.color_jitter,
     )  # fmt: skip
+    train = pipeline.build_train_dataset(
+        examples, num_classes=NUM_CLASSES, global_batch=2, crop_size=16, seed=0, augment=augment
+    )
     evaluation = pipeline.build_eval_dataset(examples, num_classes=NUM_CLASSES)
     for dataset in (train, evaluation):
         options = dataset.options()
@@ -643,3 +672,97 @@ def test_all_background_baseline_on_synthetic_shapes():
     # Background IoU is the background share of labelled pixels; present shapes score 0.
     expected = float(np.mean(labelled == 0)) / (1 + present)
     assert scores["all_background"]["miou"] == pytest.approx(expected)
+
+
+# ----------------------------------------------------------------------------- reading images
+
+
+def test_images_are_read_as_a_viewer_shows_them(tmp_path):
+    """EXIF orientation applied; 16-bit grey scaled to 8 bits (not clipped to white); palette
+    and alpha images as RGB."""
+    from slr_jax.data import images
+
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :10] = 255  # a white band on the left of the stored pixels
+    exif = Image.Exif()
+    exif[images.EXIF_ORIENTATION] = 6  # rotate 90 degrees clockwise to display
+    Image.fromarray(stored).save(tmp_path / "turned.jpg", exif=exif, quality=100)
+    shown = images.decode_rgb(tmp_path / "turned.jpg")
+    assert shown.shape == (40, 20, 3)
+    assert shown[:10].mean() > 200 and shown[-10:].mean() < 50  # the band is now on top
+    assert images.decode_rgb(tmp_path / "turned.jpg", apply_exif=False).shape == (20, 40, 3)
+
+    grey16 = (np.arange(30 * 16).reshape(16, 30) * 136).astype(np.uint16)  # up to 65144
+    Image.fromarray(grey16).save(tmp_path / "deep.png")
+    rgb = images.decode_rgb(tmp_path / "deep.png")
+    expected = np.round(grey16 * (255.0 / 65535.0)).astype(np.uint8)
+    np.testing.assert_array_equal(rgb[..., 0], expected)
+    assert (rgb[..., 0] == rgb[..., 2]).all() and rgb.max() < 255 and len(np.unique(rgb)) > 50
+
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[..., 1], rgba[..., 3] = 200, 128
+    Image.fromarray(rgba).save(tmp_path / "alpha.png")
+    np.testing.assert_array_equal(images.decode_rgb(tmp_path / "alpha.png")[0, 0], [0, 200, 0])
+
+
+def test_exif_rotated_photo_keeps_a_mask_drawn_on_its_stored_pixels(tmp_path):
+    """A mask the size of the stored (unrotated) pixels: the image is read unrotated too, so
+    image and mask still line up."""
+    from slr_jax.data import images
+
+    (tmp_path / "JPEGImages").mkdir()
+    (tmp_path / "SegmentationClass").mkdir()
+    exif = Image.Exif()
+    exif[images.EXIF_ORIENTATION] = 6
+    Image.fromarray(np.full((20, 40, 3), 90, np.uint8)).save(
+        tmp_path / "JPEGImages" / "a.jpg", exif=exif
+    )
+    mask = np.zeros((20, 40), np.uint8)
+    mask[:, :5] = 1
+    Image.fromarray(mask, "L").save(tmp_path / "SegmentationClass" / "a.png")
+    example = voc.VocExample(
+        "a", str(tmp_path / "JPEGImages" / "a.jpg"),
+        str(tmp_path / "SegmentationClass" / "a.png"), True,
+    )  # fmt: skip
+    decoded = voc.load_example(example, NUM_CLASSES)
+    assert decoded["image"].shape == (20, 40, 3) and decoded["mask"].shape == (20, 40)
+
+
+def test_listed_files_are_checked_before_training(voc_root, tmp_path):
+    """Empty, non-image and wrong-size files are refused up front in one line naming them;
+    the evaluation list is checked the same way when training asks for it."""
+    import shutil
+
+    root = tmp_path / "voc"
+    shutil.copytree(voc_root, root)
+    cfg = make_config(root)
+    names = [e.name for e in voc.read_split(root, "val")]
+    (root / "JPEGImages" / f"{names[0]}.jpg").write_bytes(b"")
+    small = Image.fromarray(np.zeros((5, 7), np.uint8), "L")
+    small.save(root / "SegmentationClass" / f"{names[1]}.png")
+    with pytest.raises(DataError) as error:
+        pipeline.eval_examples(cfg, check_files=True)
+    message = str(error.value)
+    assert "2 of 3 listed examples cannot be used" in message and "\n" not in message
+    assert "(an empty file)" in message and "(7x5, its image is 48x40)" in message
+    assert len(pipeline.eval_examples(cfg)) == 3  # evaluation itself reports and skips
+    batches = list(pipeline.eval_dataset(cfg, process_index=0, process_count=1))
+    errors = {b["name"][0]: b["error"][0] for b in batches}
+    assert "Cannot decode image" in errors[names[0]] and "is 7x5" in errors[names[1]]
+    assert errors[names[2]] == ""
+
+
+def test_an_unreadable_training_example_is_replaced_not_fatal(caplog):
+    calls = []
+
+    def load(example, num_classes, image_labels):
+        calls.append(example)
+        if example == "bad":
+            raise DataError("Cannot decode image bad.jpg")
+        return {"image": example}
+
+    with caplog.at_level("WARNING"):
+        out = pipeline._load_or_substitute(load, ["ok0", "bad", "ok2"], 1, 5, None)
+    assert out == {"image": "ok2"} and "bad.jpg" in caplog.text
+    with pytest.raises(DataError, match="training examples in a row cannot be read"):
+        pipeline._load_or_substitute(load, ["bad"], 0, 5, None)

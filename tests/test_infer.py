@@ -389,14 +389,24 @@ def test_cli_on_a_folder_of_photographs(tmp_path, tiny_model):
     for i in range(2):
         Image.fromarray(_photo(seed=i)).save(photos / f"photo{i}.png")
     (photos / "notes.txt").write_text("not an image")
+    # Unreadable files between the good ones: listed at the end, the others all processed.
+    jpeg = photos / "cut.jpg"
+    Image.fromarray(_photo(seed=5)).save(jpeg, quality=90)
+    jpeg.write_bytes(jpeg.read_bytes()[:300])
+    (photos / "empty.jpg").write_bytes(b"")
+    (photos / "text.png").write_text("not a png")
     out = tmp_path / "out"
     proc = run_cli(
         f"--checkpoint={checkpoint}", f"--images={photos}", f"--output={out}", "--save_scores",
         "--config.test.scales=(1.0,)", "--config.test.use_crf=True",
         "--config.test.fp_cut=0.1", "--config.test.top_k=4",
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stderr[-3000:]
     assert "wrote 2 predictions" in proc.stdout
+    skipped = [line for line in proc.stderr.splitlines() if line.startswith("error: skipped")]
+    assert len(skipped) == 3 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for name in ("cut", "empty", "text"):
+        assert any(f"skipped {name}: cannot read image" in line for line in skipped), skipped
     for i in range(2):
         for kind in ("pred", "crf"):
             with Image.open(out / kind / f"photo{i}.png") as png:
@@ -422,8 +432,16 @@ def test_cli_errors_are_one_line(tmp_path):
     Image.fromarray(_photo()).save(photo)
     not_a_checkpoint = tmp_path / "empty_ckpt"
     not_a_checkpoint.mkdir()
+    checkpoint = tmp_path / "ckpt"
+    save_variables(checkpoint, {"params": {}}, {**TINY_MODEL, "source": "test"})
+    output_file = tmp_path / "out.txt"
+    output_file.write_text("a file")
     cases = [
         ((f"--checkpoint={tmp_path / 'nope'}", f"--images={photo}", "--output=o"), "neither"),
+        ((f"--checkpoint={checkpoint}", f"--images={photo}", f"--output={tmp_path / 'o'}",
+          "--config.model.width=0.125"), "has model width 0.0625; the config has model width"),
+        ((f"--checkpoint={checkpoint}", f"--images={photo}", f"--output={output_file}"),
+         "is a file; pass a folder"),
         ((f"--checkpoint={not_a_checkpoint}", f"--images={photo}", "--output=o"), "neither"),
         (("--config=configs/voc.py", f"--checkpoint={tmp_path / 'nope'}", f"--images={photo}",
           "--output=o"), "is not a folder"),
@@ -453,6 +471,15 @@ def test_image_path_errors(tmp_path):
     Image.fromarray(_photo()).save(other / "one.jpg")
     with pytest.raises(infer.InferenceError, match="would both write one.png"):
         infer.collect_image_paths([photo, other])
+    huge = tmp_path / "huge.png"
+    Image.new("L", (2049, 2049)).save(huge)
+    with pytest.raises(infer.InferenceError, match="2049x2049 .* more than the 4.2 MP"):
+        infer.read_photograph(huge)
+    read = list(preprocess.photographs([photo, broken, huge, photo]))
+    good, bad = ["image", "name"], ["error", "name"]
+    assert [sorted(r) for r in read] == [good, bad, bad, good]
+    with pytest.raises(infer.InferenceError, match="is a file; pass a folder"):
+        runner.prepare_output_dir(photo)
 
 
 def test_bad_inputs_have_clear_errors():
@@ -898,3 +925,25 @@ def test_inference_is_data_parallel_over_local_devices(tmp_path, tiny_model):
         # Same labels and the same restart key: the PNGs are byte-identical.
         one, two = (tmp_path / kind / "pred" / f"{name}.png" for kind in ("one", "two"))
         assert one.read_bytes() == two.read_bytes()
+
+
+def test_run_inference_skips_unreadable_examples_and_lists_them(tmp_path):
+    """One bad example (an unreadable file, a mask of another size) among good ones: every
+    good one is predicted and scored, the bad one listed in 'failed' with its reason."""
+    variables = _fake_variables(2)
+    gt = np.zeros((HEIGHT, WIDTH), np.int32)
+    why = "Mask b.png is 7x5 but its image is 50x40."
+    examples = [
+        {"name": "a", "image": _photo(seed=1), "mask": gt},
+        {"name": np.asarray(["b"]), "error": np.asarray([why])},
+        {"name": "c", "image": _photo(seed=2), "mask": gt, "error": ""},
+    ]
+    cfg = config_for(FAKE_MODEL, scales=(1.0,), bg_pow=1.0)
+    lines = []
+    summary = infer.run_inference(
+        cfg, variables, examples, tmp_path, apply_fn=fake_apply, log=lines.append
+    )
+    assert summary["num_predicted"] == 2 and summary["num_scored"] == 2
+    assert summary["failed"] == [("b", why)]
+    assert sorted(p.stem for p in (tmp_path / "pred").iterdir()) == ["a", "c"]
+    assert lines[-1].endswith("1 unreadable, skipped: b")

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from configs import demo  # noqa: E402
 from slr_jax import checkpoint, pretrain, sharding, train  # noqa: E402
 from slr_jax.checkpoint import load_variables  # noqa: E402
 from slr_jax.data.synthetic import make_synthetic_examples  # noqa: E402
+from slr_jax.errors import Preempted  # noqa: E402
 from slr_jax.models import build_model, init_variables  # noqa: E402
 
 STEPS = 24
@@ -162,3 +166,61 @@ def test_a_non_finite_loss_stops_pretraining_with_a_clear_error(tmp_path):
             config, str(tmp_path / "w"), sharding.make_mesh(), batches=poisoned
         )
     assert not (tmp_path / "w" / pretrain.CHECKPOINT_DIR).exists()
+
+
+def test_sigterm_saves_pretraining_and_a_rerun_resumes_to_the_same_backbone(pretrained, tmp_path):
+    """SIGTERM part way: the pretraining state is saved and Preempted raised (nothing lost);
+    the rerun resumes at the next step and ends with the uninterrupted run's backbone."""
+    config, workdir_full, path = pretrained
+    workdir = tmp_path / "w"
+
+    def interrupting():
+        for count, batch in enumerate(fixed_batches()):
+            if count == 9:
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+
+    with pytest.raises(Preempted):
+        pretrain.pretrain_backbone(
+            config, str(workdir), sharding.make_mesh(), batches=interrupting()
+        )
+    assert (workdir / pretrain.PROGRESS_DIR).is_dir()
+    assert not (workdir / pretrain.CHECKPOINT_DIR).exists()
+    again = pretrain.pretrain_backbone(
+        config, str(workdir), sharding.make_mesh(), batches=fixed_batches()
+    )
+    resumed, _ = load_variables(again)
+    full, _ = load_variables(path)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, resumed, full)
+    assert not (workdir / pretrain.PROGRESS_DIR).exists()
+    lines = (workdir / pretrain.METRICS_FILE).read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(4, STEPS + 1, 4))
+
+
+def test_a_preempted_run_exits_with_its_own_status(tmp_path):
+    """SIGTERM during pretraining, through the entry point: saved, one line, exit 75 (not 0
+    as a finished run, not 1 as a failure), so a scheduler can requeue it."""
+    from slr_jax.main import EXIT_PREEMPTED
+
+    overrides = [
+        "--config.model.width=0.0625", "--config.dataset.crop_size=32",
+        f"--config.dataset.manual_dir={tmp_path / 'synthetic'}", "--config.dataset.num_train=8",
+        "--config.dataset.num_val=2", "--config.dataset.image_size=32",
+        "--config.train.batch_size=4", "--config.train.log_every_steps=1",
+        "--config.pretrain.steps=100000",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "slr_jax.main", "--config=configs/demo.py",
+         f"--workdir={tmp_path / 'w'}", *overrides],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "backbone pretraining step 2/" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, "".join(seen)[-3000:] + err[-3000:]
+    assert "rerun the same command to resume" in out
+    assert (tmp_path / "w" / pretrain.PROGRESS_DIR).is_dir()

@@ -253,6 +253,82 @@ def test_same_numbers_on_one_two_and_four_devices(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
+_TOPOLOGY_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
+import jax
+if int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1:
+    jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"],
+                               int(os.environ["JAX_NUM_PROCESSES"]),
+                               int(os.environ["JAX_PROCESS_ID"]))
+import jax.numpy as jnp
+import numpy as np
+from pathlib import Path
+from jax.experimental import multihost_utils
+from test_train import tiny_config
+from slr_jax import data, sharding
+config = tiny_config(Path({tmp!r}))
+config.train.batch_size = 4
+mesh = sharding.make_mesh()
+batches = data.train_dataset(config, start_position=4)  # from the second global batch
+out = {{}}
+for step in range(3):  # 8 training examples: the third batch is in the second epoch
+    batch = sharding.shard_batch(next(batches), mesh)
+    # A reduction over every device (a collective across processes) and the global batch.
+    total = jax.jit(lambda b: jnp.sum(b["image"] * b["raw_image"]))(batch)
+    full = multihost_utils.process_allgather(batch, tiled=True)
+    out[step] = {{"total": float(total), **{{k: np.asarray(v).tolist() for k, v in full.items()
+                                           if k != "image"}}}}
+batches.close()
+if jax.process_index() == 0:
+    print("BATCHES" + json.dumps(out))
+"""
+
+
+def test_two_processes_see_the_batches_of_one(tmp_path):
+    """1 process x 4 devices and 2 processes x 2 devices (jax.distributed on CPU, as
+    launch/local_multiprocess.sh runs them) train on the same global batches: each process
+    reads its rows of every batch. (The training forward on a given global batch does not
+    depend on the device count: test_same_numbers_on_one_two_and_four_devices.)"""
+    import socket
+
+    script = _TOPOLOGY_SCRIPT.format(repo=str(REPO), tests=str(REPO / "tests"), tmp=str(tmp_path))
+    base = dict(os.environ, JAX_PLATFORMS="cpu")
+    one = dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=one, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    single = json.loads(proc.stdout.split("BATCHES")[-1])
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    two = dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    two.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script],
+            env=dict(two, JAX_PROCESS_ID=str(i)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=900) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-5000:]
+    multi = json.loads(outputs[0][0].split("BATCHES")[-1])
+    assert set(multi) == set(single) == {"0", "1", "2"}
+    for step, batch in single.items():
+        for key, value in batch.items():
+            if key == "total":
+                np.testing.assert_allclose(multi[step][key], value, rtol=1e-5, err_msg=key)
+            else:
+                np.testing.assert_array_equal(multi[step][key], value, err_msg=f"{step} {key}")
+    assert single["0"]["raw_image"] != single["1"]["raw_image"]
+
+
 def test_unknown_or_invalid_config_is_rejected_before_work():
     config = demo.get_config()
     with pytest.raises(AttributeError):
@@ -269,17 +345,31 @@ def test_unknown_or_invalid_config_is_rejected_before_work():
 
 
 @pytest.mark.parametrize(
-    "override, message",
-    [("--config.train.lrr=1", "lrr"), ("--config.train.batch_size=abc", "batch_size")],
+    "args, message",
+    [
+        (["--config.train.lrr=1"], "names no config key"),
+        (["--config.train.batch_size=abc"], "batch_size"),
+        (["--config.checkpoint.keep=0"], "checkpoint.keep=0 must be an integer >= 1"),
+        (["--config=configs/nope.py"], "--config configs/nope.py cannot be loaded (["),
+        (["--workdir={file}"], "is a file; pass a folder"),
+    ],
 )
-def test_command_line_rejects_unknown_keys_and_bad_types(override, message, tmp_path):
+def test_command_line_mistakes_end_in_one_line(args, message, tmp_path):
+    """Every ordinary mistake: non-zero exit, one line naming the culprit, no traceback, and
+    no work done (no checkpoint folder)."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    args = [a.format(file=a_file) for a in args]
+    workdir = [] if any(a.startswith("--workdir") for a in args) else [f"--workdir={tmp_path}"]
+    config = [] if any(a.startswith("--config=") for a in args) else ["--config=configs/demo.py"]
     proc = subprocess.run(
-        [sys.executable, "-m", "slr_jax.main", "--config=configs/demo.py",
-         f"--workdir={tmp_path}", override],
+        [sys.executable, "-m", "slr_jax.main", *config, *workdir, *args],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode != 0
-    assert message in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
 
 

@@ -1,6 +1,6 @@
 """tf.data input pipelines: training batches and full-size evaluation images as NumPy dicts.
 
-Training batch (per process; the global ``config.train.batch_size`` is split over processes)::
+Training batch (per process: its rows of the global ``config.train.batch_size`` batch)::
 
     image       (B, h, w, 3) float32  ImageNet-normalised, (h, w) = crop size
     raw_image   (B, h, w, 3) float32  the same pixels in [0, 1] (after colour jitter)
@@ -12,7 +12,10 @@ Evaluation batch: one full-size image (B = 1, no crop) with the keys above at it
 plus ``name`` (1,) str, ``size`` (1, 2) int32 (H, W) and ``is_valid`` (1,) bool (False only
 for the padding that gives every process the same number of batches).
 
-Each process reads its own shard (``jax.process_index()`` of ``jax.process_count()``).
+Training: the sequence of global batches is a function of the seed alone (one shuffled order of
+the examples per epoch, augmentation seeded by the position in the stream); each process reads
+its rows of every global batch, so any topology sees the same batches. Evaluation: each process
+reads its own shard of the list (``jax.process_index()`` of ``jax.process_count()``).
 Decoding and augmentation run in PIL inside ``tf.numpy_function`` (see ``voc.py`` and
 ``transforms.py`` for why); tf.data supplies shuffling, parallel mapping, batching and
 prefetching. TensorFlow is kept off the GPU so it cannot take accelerator memory.
@@ -50,7 +53,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from absl import logging
 
+from slr_jax.constants import IGNORE_LABEL
 from slr_jax.data import transforms, voc
 from slr_jax.data.synthetic import (
     INFO_FILE,
@@ -167,18 +172,25 @@ def train_examples(cfg: Any) -> list[VocExample] | list[TfdsExample]:
         labeled_split=cfg.dataset.labeled_split,
         oversample_rate=int(cfg.dataset.oversample_rate),
     )
-    voc.check_files_exist(examples)
+    voc.check_files(examples, headers=bool(cfg.dataset.check_files))
     return examples
 
 
-def eval_examples(cfg: Any, split: str | None = None) -> list[VocExample] | list[TfdsExample]:
-    """The evaluation list (``config.dataset.val_split`` unless ``split`` is given)."""
+def eval_examples(
+    cfg: Any, split: str | None = None, check_files: bool = False
+) -> list[VocExample] | list[TfdsExample]:
+    """The evaluation list (``config.dataset.val_split`` unless ``split`` is given).
+
+    With ``check_files`` (training does it before it starts) a missing or unreadable file is a
+    DataError (``voc.check_files``); without, evaluation reports and skips such examples.
+    """
     if _uses_tfds(cfg):
         split = split or cfg.dataset.val_split
         return [TfdsExample(split, index) for index in range(len(_tfds_source(cfg, split)))]
     root = dataset_root(cfg)
     examples = voc.read_split(root, split or cfg.dataset.val_split)
-    voc.check_files_exist(examples)
+    if check_files:
+        voc.check_files(examples, headers=bool(cfg.dataset.check_files))
     return examples
 
 
@@ -391,17 +403,66 @@ def _with_options(dataset):
     return dataset.with_options(options)
 
 
+@functools.lru_cache(maxsize=4)
+def _epoch_order(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+    """The shuffled order of the examples in ``epoch`` (the same on every process)."""
+    return np.random.default_rng([seed, 0, epoch]).permutation(num_examples)
+
+
+def example_at(position: int, num_examples: int, seed: int) -> int:
+    """Index of the example at ``position`` of the global training stream: the stream visits
+    every example once per epoch, in an order drawn from (seed, epoch)."""
+    epoch, offset = divmod(int(position), num_examples)
+    return int(_epoch_order(seed, epoch, num_examples)[offset])
+
+
+def local_positions(start_batch: int, global_batch: int, process_index: int, process_count: int):
+    """tf.data stream of the global stream positions this process reads: for every global batch
+    b >= ``start_batch``, its rows ``[p * L, (p + 1) * L)`` with L = global_batch / processes."""
+    tf = _tf()
+    local = global_batch // process_count
+    offset = process_index * local
+
+    def position(i):
+        return (i // local) * global_batch + offset + i % local
+
+    return tf.data.Dataset.range(start_batch * local, np.iinfo(np.int64).max).map(position)
+
+
+# Training examples that failed to decode (logged once each).
+_UNREADABLE: set[str] = set()
+_SUBSTITUTES = 16
+
+
+def _load_or_substitute(load_example, examples, index, num_classes, image_labels) -> dict:
+    """``load_example`` of ``examples[index]``; when that file cannot be decoded (corrupt past
+    its header, which ``voc.check_files`` reads), the next decodable example takes its place
+    and the file is logged once, so one bad file does not end a training run."""
+    last = ""
+    for offset in range(_SUBSTITUTES):
+        example = examples[(index + offset) % len(examples)]
+        try:
+            return load_example(example, num_classes, image_labels)
+        except DataError as error:
+            last = str(error)
+            key = str(getattr(example, "image_path", example))
+            if key not in _UNREADABLE:
+                _UNREADABLE.add(key)
+                logging.warning("skipping an unreadable training example: %s", error)
+    raise DataError(
+        f"{_SUBSTITUTES} training examples in a row cannot be read (the last: {last}); check "
+        "the dataset folder."
+    )
+
+
 def build_train_dataset(
     examples: Sequence[VocExample],
     *,
     num_classes: int,
-    batch_size: int,
+    global_batch: int,
     crop_size: int | Sequence[int],
     seed: int,
-    scale: Sequence[float],
-    ratio: Sequence[float],
-    flip_prob: float,
-    jitter: Sequence[float] | None,
+    augment: Mapping[str, Any],
     image_labels: Mapping[str, Sequence[int]] | None = None,
     process_index: int = 0,
     process_count: int = 1,
@@ -410,51 +471,44 @@ def build_train_dataset(
     start_position: int = 0,
     load_example: Callable[..., dict[str, Any]] = voc.load_example,
 ):
-    """Endless tf.data dataset of training batches of ``batch_size`` (this process's share).
+    """Endless tf.data dataset of this process's rows of every global training batch.
 
-    Shuffled each epoch with ``seed``, sharded by process, augmented with per-example random
-    draws seeded by (seed, process, position in the stream), so runs repeat exactly.
-    ``start_position`` skips that many examples of the stream (cheaply, before decoding): a
-    resumed run passes the position its checkpoint recorded and continues the same stream.
-    ``load_example(example, num_classes, image_labels)`` decodes one element of ``examples``.
+    The global stream depends on the seed alone, not on the number of processes or devices:
+    position q holds the example :func:`example_at` (q), augmented with random draws seeded by
+    (seed, q); global batch b is positions ``[b * global_batch, (b + 1) * global_batch)`` and
+    process p reads its rows ``p * L ..`` (L = global_batch / process_count), so a run on many
+    hosts sees the batches of the same run on one host. ``start_position`` (examples of the
+    global stream already consumed, a multiple of ``global_batch``) resumes the same stream.
+    ``augment``: ``scale``, ``ratio``, ``flip_prob``, ``jitter`` of
+    ``transforms.train_transform``. ``load_example(example, num_classes, image_labels)``
+    decodes one element of ``examples``.
     """
     tf = _tf()
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    if len(examples) < process_count:
-        raise DataError(
-            f"{len(examples)} training examples cannot be shared by {process_count} processes."
+    if global_batch < 1 or global_batch % process_count:
+        raise ValueError(
+            f"the global batch {global_batch} must be >= 1 and divisible by the "
+            f"{process_count} processes."
         )
+    if not examples:
+        raise DataError("The training list is empty.")
     crop = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
     examples = list(examples)
 
-    def load_and_augment(index, position):
-        example = examples[int(index)]
-        decoded = load_example(example, num_classes, image_labels)
-        rng = np.random.default_rng([seed, process_index, int(position)])
+    def load_and_augment(position):
+        index = example_at(position, len(examples), seed)
+        decoded = _load_or_substitute(load_example, examples, index, num_classes, image_labels)
+        rng = np.random.default_rng([seed, 1, int(position)])
         out = transforms.train_transform(
-            decoded["image"],
-            decoded["mask"],
-            rng,
-            crop_size=crop,
-            scale=scale,
-            ratio=ratio,
-            flip_prob=flip_prob,
-            jitter=jitter,
+            decoded["image"], decoded["mask"], rng, crop_size=crop, **augment
         )
-        return (
-            out["image"],
-            out["raw_image"],
-            out["mask"],
-            decoded["labels"],
-            np.bool_(decoded["is_labeled"]),
-        )
+        labels, is_labeled = decoded["labels"], np.bool_(decoded["is_labeled"])
+        return out["image"], out["raw_image"], out["mask"], labels, is_labeled
 
     @tf.autograph.experimental.do_not_convert  # plain Python: nothing to convert
-    def map_fn(position, index):
+    def map_fn(position):
         values = tf.numpy_function(
             load_and_augment,
-            [index, position],
+            [position],
             [tf.float32, tf.float32, tf.int32, tf.float32, tf.bool],
             stateful=False,
         )
@@ -464,14 +518,27 @@ def build_train_dataset(
         return dict(zip(TRAIN_KEYS, values))
 
     autotune = tf.data.AUTOTUNE
-    dataset = tf.data.Dataset.range(len(examples)).shard(process_count, process_index)
-    shard_size = len(range(process_index, len(examples), process_count))
-    dataset = dataset.shuffle(shard_size, seed=seed, reshuffle_each_iteration=True).repeat()
-    dataset = dataset.enumerate().skip(int(start_position))
+    start_batch = int(start_position) // global_batch
+    dataset = local_positions(start_batch, global_batch, process_index, process_count)
     dataset = dataset.map(map_fn, num_parallel_calls=num_parallel_calls or autotune)
-    dataset = dataset.batch(batch_size, drop_remainder=True)
+    dataset = dataset.batch(global_batch // process_count, drop_remainder=True)
     dataset = dataset.prefetch(prefetch or autotune)
     return _with_options(dataset)
+
+
+def _unreadable_eval_example(example: Any, num_classes: int, why: str) -> tuple:
+    """The placeholder of an evaluation example that cannot be read (see build_eval_dataset)."""
+    name = getattr(example, "name", None) or f"{getattr(example, 'split', '')}#{example.index}"
+    return (
+        np.zeros((1, 1, 3), np.float32),
+        np.zeros((1, 1, 3), np.float32),
+        np.full((1, 1), IGNORE_LABEL, np.int32),
+        np.zeros((num_classes - 1,), np.float32),
+        np.bool_(False),
+        np.bytes_(str(name).encode()),
+        np.zeros((2,), np.int32),
+        np.bytes_(why.encode()),
+    )
 
 
 def build_eval_dataset(
@@ -488,7 +555,10 @@ def build_eval_dataset(
 
     Every process gets ``ceil(N / process_count)`` batches; the missing ones of short shards
     repeat the shard's last example with ``is_valid`` False. ``load_example`` as in
-    ``build_train_dataset``; the name is its ``name`` entry when it has one.
+    ``build_train_dataset``; the name is its ``name`` entry when it has one. An example that
+    cannot be read (a corrupt file, a mask of another size) does not stop the evaluation: it
+    comes as a 1x1 placeholder whose ``error`` says why (empty for every readable example), and
+    ``slr_jax.infer.run_inference`` lists it instead of scoring it.
     """
     tf = _tf()
     examples = list(examples)
@@ -502,7 +572,10 @@ def build_eval_dataset(
 
     def load(index):
         example = examples[int(index)]
-        decoded = load_example(example, num_classes, image_labels)
+        try:
+            decoded = load_example(example, num_classes, image_labels)
+        except DataError as error:
+            return _unreadable_eval_example(example, num_classes, str(error))
         name = decoded["name"] if "name" in decoded else example.name
         out = transforms.eval_transform(decoded["image"], decoded["mask"])
         height, width = decoded["mask"].shape
@@ -514,6 +587,7 @@ def build_eval_dataset(
             np.bool_(decoded["is_labeled"]),
             np.bytes_(name.encode()),
             np.asarray((height, width), np.int32),
+            np.bytes_(b""),
         )
 
     @tf.autograph.experimental.do_not_convert  # plain Python: nothing to convert
@@ -521,13 +595,13 @@ def build_eval_dataset(
         values = tf.numpy_function(
             load,
             [index],
-            [tf.float32, tf.float32, tf.int32, tf.float32, tf.bool, tf.string, tf.int32],
+            [tf.float32, tf.float32, tf.int32, tf.float32, tf.bool, tf.string, tf.int32, tf.string],
             stateful=False,
         )
         shapes = [(None, None, 3), (None, None, 3), (None, None), (num_classes - 1,), (), (), (2,)]
-        for value, shape in zip(values, shapes):
+        for value, shape in zip(values, [*shapes, ()]):
             value.set_shape(shape)
-        keys = (*TRAIN_KEYS, "name", "size")
+        keys = (*TRAIN_KEYS, "name", "size", "error")
         return {**dict(zip(keys, values)), "is_valid": is_valid}
 
     dataset = tf.data.Dataset.from_tensor_slices(
@@ -540,6 +614,7 @@ def build_eval_dataset(
 
 def _decode_names(batch: Batch) -> Batch:
     batch["name"] = np.asarray([name.decode() for name in batch["name"]])
+    batch["error"] = np.asarray([error.decode() for error in batch["error"]])
     return batch
 
 
@@ -553,8 +628,9 @@ def train_dataset(
     process_count: int | None = None,
     start_position: int = 0,
 ) -> NumpyIterator:
-    """Endless iterator of this process's training batches (NumPy dicts, see module doc),
-    starting ``start_position`` examples into this process's stream."""
+    """Endless iterator of this process's rows of the global training batches (NumPy dicts,
+    see module doc), ``start_position`` examples into the global stream
+    (:func:`build_train_dataset`)."""
     process_index, process_count = _process_slot(process_index, process_count)
     global_batch = int(cfg.train.batch_size)
     if global_batch % process_count:
@@ -564,16 +640,19 @@ def train_dataset(
         )
     dataset = cfg.dataset
     jitter = dataset.color_jitter
-    dataset_tf = build_train_dataset(
-        train_examples(cfg),
-        num_classes=int(cfg.model.num_classes),
-        batch_size=global_batch // process_count,
-        crop_size=dataset.crop_size,
-        seed=int(cfg.seed),
+    augment = dict(
         scale=tuple(dataset.scale_range),
         ratio=tuple(dataset.ratio_range),
         flip_prob=float(dataset.flip_prob),
         jitter=tuple(jitter) if jitter else None,
+    )
+    dataset_tf = build_train_dataset(
+        train_examples(cfg),
+        num_classes=int(cfg.model.num_classes),
+        global_batch=global_batch,
+        crop_size=dataset.crop_size,
+        seed=int(cfg.seed),
+        augment=augment,
         image_labels=_image_labels(cfg),
         process_index=process_index,
         process_count=process_count,

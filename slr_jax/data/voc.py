@@ -31,6 +31,7 @@ from etils import epath
 from PIL import Image, UnidentifiedImageError
 
 from slr_jax.constants import IGNORE_LABEL, VOC_CLASSES
+from slr_jax.data.images import decode_rgb, exif_orientation
 from slr_jax.errors import DataError
 
 NUM_VOC_CLASSES = len(VOC_CLASSES)
@@ -139,20 +140,62 @@ def read_split(manual_dir: str | os.PathLike, split: str) -> list[VocExample]:
     return examples
 
 
-def check_files_exist(examples: Iterable[VocExample], max_report: int = 5) -> None:
-    """Raises DataError naming the first missing image/mask files (cheap: stat calls only)."""
-    missing = []
+def _header_size(path: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((W, H) as stored, (W, H) as a viewer shows it) from the file's header alone."""
+    if os.path.getsize(path) == 0:
+        raise DataError("an empty file")
+    try:
+        with Image.open(path) as image:
+            stored = image.size
+            turned = exif_orientation(image) in (5, 6, 7, 8)  # rotated by 90 or 270 degrees
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"not a readable image: {type(error).__name__}") from None
+    return stored, (stored[::-1] if turned else stored)
+
+
+def _example_problem(example: VocExample, headers: bool) -> str | None:
+    """Why one example cannot be used, or None."""
+    paths = [p for p in (example.image_path, example.mask_path) if p is not None]
+    for path in paths:
+        if not os.path.isfile(path):
+            return f"{path} (missing)"
+    if not headers:
+        return None
+    try:
+        image_sizes = _header_size(example.image_path)
+    except DataError as error:
+        return f"{example.image_path} ({error})"
+    if example.mask_path is None:
+        return None
+    try:
+        mask_size = _header_size(example.mask_path)[0]
+    except DataError as error:
+        return f"{example.mask_path} ({error})"
+    if mask_size not in image_sizes:
+        width, height = image_sizes[1]
+        return f"{example.mask_path} ({mask_size[0]}x{mask_size[1]}, its image is {width}x{height})"
+    return None
+
+
+def check_files(examples: Iterable[VocExample], headers: bool = True, max_report: int = 5) -> None:
+    """Raises one DataError naming the listed files that are missing, empty, not images, or
+    masks whose size differs from their image's (``headers``: read each file's header, a few
+    ms per file; otherwise stat calls only). Remote storage (``gs://``) is not scanned: bad
+    files there are named when they are read."""
+    examples = list(examples)
+    problems = []
     for example in examples:
         if "://" in example.image_path:
-            return  # Remote storage: one stat per file is too slow; decoding names bad files.
-        for path in (example.image_path, example.mask_path):
-            if path is not None and not os.path.isfile(path):
-                missing.append(path)
-    if missing:
-        shown = ", ".join(missing[:max_report])
+            return
+        problem = _example_problem(example, headers)
+        if problem is not None:
+            problems.append(problem)
+    if problems:
+        shown = "; ".join(problems[:max_report]) + (" ..." if len(problems) > max_report else "")
         raise DataError(
-            f"{len(missing)} listed file(s) do not exist, e.g. {shown}. Check that the list "
-            "file matches the folder contents."
+            f"{len(problems)} of {len(examples)} listed examples cannot be used: {shown}. Fix or "
+            "replace those files, or remove their ids from the list file "
+            "(config.dataset.check_files=False skips this check)."
         )
 
 
@@ -206,11 +249,12 @@ def training_examples(
     return semi_supervised_examples(examples, labeled_names, oversample_rate)
 
 
-def load_image(path: str) -> np.ndarray:
-    """(H, W, 3) uint8 RGB image; DataError naming the file when missing or undecodable."""
+def load_image(path: str, apply_exif: bool = True) -> np.ndarray:
+    """(H, W, 3) uint8 RGB image as a viewer shows it (``images.decode_rgb``: EXIF orientation,
+    16-bit grey scaled); DataError naming the file when missing or undecodable."""
     try:
-        with epath.Path(path).open("rb") as handle, Image.open(handle) as image:
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        with epath.Path(path).open("rb") as handle:
+            return decode_rgb(handle, apply_exif=apply_exif)
     except FileNotFoundError:
         raise DataError(f"Image file not found: {path}.") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
@@ -286,6 +330,10 @@ def load_example(
     mask = None
     if example.mask_path is not None:
         mask = load_mask(example.mask_path)
+        if mask.shape != (height, width) and mask.shape == (width, height):
+            # The mask was drawn on the stored pixels of a photo with an EXIF rotation.
+            image = load_image(example.image_path, apply_exif=False)
+            height, width = image.shape[:2]
         if mask.shape != (height, width):
             raise DataError(
                 f"Mask {example.mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image "

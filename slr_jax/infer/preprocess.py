@@ -19,12 +19,16 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from slr_jax.constants import IMAGENET_MEAN, IMAGENET_STD
+from slr_jax.data.images import to_rgb_array
 from slr_jax.errors import InferenceError
 from slr_jax.ops import resize_bilinear_align_corners
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 RESIZE_METHODS = ("pil_bicubic", "align_corners")
 BUCKET_PAD_MODES = ("constant", "edge", "reflect", "symmetric")
+# The largest photograph inference takes (pixels): 2048 x 2048. Bigger ones are refused with a
+# message; the multi-scale views (up to 2x per side) of such an image are already 16.8 MP.
+MAX_IMAGE_PIXELS = 2048 * 2048
 
 
 def normalise_image(image_uint8: np.ndarray) -> np.ndarray:
@@ -172,6 +176,22 @@ def example_fields(example: Mapping[str, Any]) -> dict[str, Any] | None:
     }
 
 
+def _scalar_text(value: Any) -> str:
+    """A str / bytes / one-element array entry of an example (or eval batch of one) as str."""
+    value = np.ravel(np.asarray(value))[0] if np.ndim(value) else value
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def example_error(example: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(name, why) of an example that could not be read (its ``error`` entry: an unreadable
+    photograph or dataset file), None for a readable one."""
+    error = example.get("error")
+    if error is None or not np.size(error) or not _scalar_text(error):
+        return None
+    name = _scalar_text(example["name"]) if "name" in example else "?"
+    return name, _scalar_text(error)
+
+
 def collect_image_paths(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     """Image files named directly or found (non-recursively) in folders, sorted per folder."""
     paths: list[Path] = []
@@ -204,11 +224,22 @@ def collect_image_paths(inputs: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 def read_photograph(path: str | os.PathLike) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of a JPG/PNG photograph; InferenceError when it cannot be decoded."""
+    """(H, W, 3) uint8 RGB of a photograph as a viewer shows it (EXIF orientation applied,
+    16-bit grey scaled to 8 bits: ``slr_jax.data.images``); InferenceError when it cannot be
+    decoded or has more than :data:`MAX_IMAGE_PIXELS` pixels."""
     try:
         with Image.open(path) as image:
-            return np.array(image.convert("RGB"), dtype=np.uint8)
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise InferenceError(
+                    f"{path} is {width}x{height} ({width * height / 1e6:.1f} MP), more than the "
+                    f"{MAX_IMAGE_PIXELS / 1e6:.1f} MP inference takes (its views at scale 2 hold "
+                    "4x as many pixels); resize it to at most 2048 px on the longer side."
+                )
+            return to_rgb_array(image)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        if isinstance(error, InferenceError):
+            raise
         raise InferenceError(
             f"cannot read image {path} ({type(error).__name__}: {error}); it is not a readable "
             "JPG/PNG, remove it or convert it."
@@ -216,6 +247,11 @@ def read_photograph(path: str | os.PathLike) -> np.ndarray:
 
 
 def photographs(paths: Sequence[Path]) -> Iterator[dict[str, Any]]:
-    """``{'name': stem, 'image': (H, W, 3) uint8}`` of every path, read when it is reached."""
+    """``{'name': stem, 'image': (H, W, 3) uint8}`` of every path, read when it is reached; an
+    unreadable file gives ``{'name': stem, 'error': message}`` instead, so the images after
+    it are still processed."""
     for path in paths:
-        yield {"name": path.stem, "image": read_photograph(path)}
+        try:
+            yield {"name": path.stem, "image": read_photograph(path)}
+        except InferenceError as error:
+            yield {"name": path.stem, "error": str(error)}

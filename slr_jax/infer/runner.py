@@ -37,7 +37,7 @@ from slr_jax.infer.predict import (
     check_scales,
     multiscale_predict_async,
 )
-from slr_jax.infer.preprocess import BUCKET_PAD_MODES, example_fields
+from slr_jax.infer.preprocess import BUCKET_PAD_MODES, example_error, example_fields
 
 
 def inference_settings(test_cfg: Any) -> dict[str, Any]:
@@ -87,13 +87,33 @@ def _device_name(device: Any) -> str:
     return f"{device.platform}:{device.id}"
 
 
+def prepare_output_dir(out_dir: str | os.PathLike) -> Path:
+    """Creates ``out_dir`` and checks that files can be written there, before any prediction
+    (a mistake found after the first image would waste its compilation and forward pass)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InferenceError(f"--output {out_dir} is a file; pass a folder (new or existing).")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write_check.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise InferenceError(
+            f"cannot write to the output folder {out_dir} ({error.strerror or error}); choose "
+            "a folder you can write to."
+        ) from None
+    return out_dir
+
+
 class InferenceRun:
     """The state of one :func:`run_inference` call: settings, device placements, counters and
     the confusion matrices. :meth:`start` dispatches an example, :meth:`finish` completes it."""
 
     def __init__(self, config, variables, out_dir, *, apply_fn, save_probs, palette, devices):
         self.settings = inference_settings(config.test)
-        self.out_dir, self.save_probs, self.palette = out_dir, save_probs, palette
+        self.out_dir = prepare_output_dir(out_dir)
+        self.save_probs, self.palette = save_probs, palette
         self.num_classes = int(config.model.num_classes)
         self.filter_classes = config.model.variant != "semi_wo_cls"
         if apply_fn is None:
@@ -113,6 +133,7 @@ class InferenceRun:
         kinds = ("pred", "crf") if self.settings["use_crf"] else ("pred",)
         self.accumulators = {k: metrics.ConfusionAccumulator(self.num_classes) for k in kinds}
         self.counts = {"images": 0, "predicted": 0, "skipped": 0, "scored": 0}
+        self.failed: list[tuple[str, str]] = []  # (name, why) of examples that could not be read
         self.per_device: dict[str, int] = {}
         self.predict_seconds = 0.0
 
@@ -120,6 +141,10 @@ class InferenceRun:
         """Reads one example and dispatches its forward passes, unless its outputs are already
         complete; returns the entry :meth:`finish` completes (None for padding examples)."""
         started = time.perf_counter()
+        error = example_error(example)
+        if error:
+            self.failed.append(error)
+            return None
         fields = example_fields(example)
         if fields is None:
             return None
@@ -220,6 +245,7 @@ class InferenceRun:
             "out_dir": Path(self.out_dir),
             "scores": {k: a.result() for k, a in self.accumulators.items()} if scored else {},
             "confusions": {k: a.confusion.copy() for k, a in self.accumulators.items()},
+            "failed": list(self.failed),
         }
 
 
@@ -228,11 +254,14 @@ def _summary_line(summary: Mapping[str, Any]) -> str:
     rate_text = f"{rate:.2f} images/s" if rate is not None else "no forward pass"
     per_device = summary["images_per_device"]
     spread = ", ".join(f"{d}: {n}" for d, n in sorted(per_device.items()))
+    failed = summary["failed"]
+    names = ", ".join(name for name, _ in failed)
     return (
         f"{summary['num_images']} images in {summary['seconds']:.1f} s: "
         f"{summary['num_predicted']} predicted ({rate_text}), {summary['num_skipped']} already "
         f"in {summary['out_dir']}"
         + (f"; images per device {spread}" if len(per_device) > 1 else "")
+        + (f"; {len(failed)} unreadable, skipped: {names}" if failed else "")
     )
 
 
@@ -255,12 +284,15 @@ def run_inference(
     dicts with ``name`` and ``image`` ((H, W, 3) uint8, or the evaluation pipeline's batches of
     one with normalised ``image`` and ``raw_image``), optionally ``labels`` (C-1,) and ``mask``
     (H, W) ground truth (255 = ignore). ``devices``: see :func:`inference_devices`; results
-    equal the one-device path. ``log`` gets one line per example and a summary line.
+    equal the one-device path. ``log`` gets one line per example and a summary line. An
+    example with an ``error`` entry (an unreadable file: ``preprocess.photographs``, the
+    evaluation pipeline) is skipped and listed in ``failed``; every other one is processed.
 
     Returns ``{'num_images', 'num_predicted', 'num_skipped', 'num_scored', 'seconds',
     'images_per_second' (predicted images over the time spent on them; None if none),
     'images_per_device', 'out_dir', 'scores': {'pred'[, 'crf']: metrics.segmentation_scores},
-    'confusions': {kind: (C, C) int64}}``.
+    'confusions': {kind: (C, C) int64}, 'failed': [(name, why), ...]}``. The output folder is
+    checked before the first prediction (:func:`prepare_output_dir`).
     """
     run = InferenceRun(
         config, variables, out_dir, apply_fn=apply_fn, save_probs=save_probs, palette=palette,
