@@ -18,6 +18,10 @@ VOC_TEST_SCALES = (1.0, 1.5, 2.0, 0.5, 0.75)
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
+    # JAX's persistent compilation cache, so that a second run compiles nothing: '' = a
+    # compile_cache/ folder in the workdir (training) or the output folder (evaluate/infer);
+    # a path = that folder (e.g. one shared by every run); 'none' = off.
+    config.compile_cache_dir = ""
 
     # ------------------------------------------------------------------ model
     config.model = ml_collections.ConfigDict()

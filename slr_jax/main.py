@@ -114,6 +114,22 @@ def resolve_config(mode: str) -> Any:
     return config_lib.apply_overrides(config, overrides)
 
 
+def enable_compilation_cache(config: Any, folder: str) -> str | None:
+    """Turns on JAX's persistent compilation cache in ``config.compile_cache_dir`` ('' =
+    ``folder/compile_cache``; 'none' = off); returns the folder used."""
+    import jax
+
+    setting = str(config.compile_cache_dir)
+    if setting.lower() == "none":
+        return None
+    cache = setting or os.path.join(folder, "compile_cache")
+    jax.config.update("jax_compilation_cache_dir", cache)
+    # Every program goes in: the network's compile takes seconds to minutes, its pieces less.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    logging.info("persistent compilation cache: %s", cache)
+    return cache
+
+
 def run_evaluate_or_infer(config: Any, mode: str) -> dict:
     """Predictions (and scores where there is ground truth) of a checkpoint on a dataset split
     or on photographs, written to ``--output``."""
@@ -129,6 +145,7 @@ def run_evaluate_or_infer(config: Any, mode: str) -> dict:
     if _USE_CLS_LABEL.value:
         config.test.use_image_labels = True
     prepare_output_dir(_OUTPUT.value)  # before loading anything
+    enable_compilation_cache(config, _OUTPUT.value)
     variables = load_model_variables(config.model, _CHECKPOINT.value)
     if _IMAGES.value:
         if mode == "evaluate":
@@ -169,6 +186,7 @@ def run_train(config: Any) -> int:
     from slr_jax.train import train_and_evaluate
 
     check_workdir(_WORKDIR.value)
+    enable_compilation_cache(config, _WORKDIR.value)
     result = train_and_evaluate(config, _WORKDIR.value)
     if result["preempted"]:
         print(

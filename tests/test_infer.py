@@ -369,9 +369,9 @@ def test_run_inference_on_eval_batches(tmp_path):
 # ----------------------------------------------------------------------------- command line
 
 
-def run_cli(*args: str, module: str = "slr_jax.infer") -> subprocess.CompletedProcess:
+def run_cli(*args: str, module: str = "slr_jax.infer", **env_vars) -> subprocess.CompletedProcess:
     """``python -m slr_jax.infer ARGS`` (the flags of ``python -m slr_jax.main``)."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", **env_vars)
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True,
         text=True, timeout=600,
@@ -425,6 +425,22 @@ def test_cli_on_a_folder_of_photographs(tmp_path, tiny_model):
     np.testing.assert_allclose(np.load(out / "probs" / "photo1.npy"), expected, atol=1e-5)
     with Image.open(out / "pred" / "photo1.png") as png:
         assert (np.array(png) == np.argmax(expected, -1)).mean() > 0.999
+
+    # The persistent compilation cache (in the output folder by default): a second run with it
+    # loads the network's program instead of compiling it, and writes the same labels.
+    cache = out / "compile_cache"
+    assert any(p.name.startswith("jit_network") for p in cache.iterdir())
+    again = run_cli(
+        f"--checkpoint={checkpoint}", f"--images={photos}", f"--output={tmp_path / 'again'}",
+        "--config.test.scales=(1.0,)", "--config.test.use_crf=True", "--config.test.fp_cut=0.1",
+        "--config.test.top_k=4", f"--config.compile_cache_dir={cache}", JAX_LOG_COMPILES="1",
+    )  # fmt: skip
+    assert "Persistent compilation cache hit for 'jit_network'" in again.stderr, again.stderr[
+        -3000:
+    ]
+    for i in range(2):
+        pngs = [d / "pred" / f"photo{i}.png" for d in (out, tmp_path / "again")]
+        assert pngs[0].read_bytes() == pngs[1].read_bytes()
 
 
 def test_cli_errors_are_one_line(tmp_path):

@@ -460,12 +460,9 @@ def test_main_evaluates_and_infers_from_a_training_workdir(full_run, compile_cac
         "--config.dataset.image_size=40",
         "--config.test.scales=(1.0,)",
         "--config.test.flip=False",
+        f"--config.compile_cache_dir={compile_cache}",  # this module's programs
     ]
-    env = dict(
-        os.environ,
-        JAX_COMPILATION_CACHE_DIR=str(compile_cache),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-    )
+    env = dict(os.environ)
     base = [sys.executable, "-m", "slr_jax.main", "--config=configs/demo.py", *overrides]
     run = lambda *args: subprocess.run(
         [*base, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
@@ -487,7 +484,8 @@ def test_main_evaluates_and_infers_from_a_training_workdir(full_run, compile_cac
     # still apply: the same label maps as above.
     proc = subprocess.run(
         [sys.executable, "-m", "slr_jax.infer", f"--checkpoint={workdir}",
-         f"--output={tmp_path / 'own'}", f"--images={photos}", "--config.test.flip=False"],
+         f"--output={tmp_path / 'own'}", f"--images={photos}", "--config.test.flip=False",
+         f"--config.compile_cache_dir={compile_cache}"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
