@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from slr_jax.constants import VARIANTS
+from slr_jax.constants import COMPUTE_DTYPES, VARIANTS
 from slr_jax.errors import ConfigError
 
 # Sections whose entries are free-form mappings rather than fixed keys.
 _MAPPING_KEYS = ("crf", "class_pows")
-DTYPES = ("float32", "bfloat16")
 
 
 def flatten_keys(config: Any, prefix: str = "") -> dict[str, Any]:
@@ -73,13 +72,21 @@ def _bound_problems(flat: dict[str, Any]) -> list[str]:
     return problems
 
 
+def _x64_enabled() -> bool:
+    import jax  # noqa: PLC0415 (this module stays importable without JAX's start-up cost)
+
+    return bool(jax.config.jax_enable_x64)
+
+
 def _value_problems(config: Any, mode: str) -> list[str]:
     problems = _bound_problems(flatten_keys(config))
     model, train = config.model, config.train
     if model.variant not in VARIANTS:
         problems.append(f"model.variant={model.variant!r} not in {VARIANTS}")
-    if model.dtype not in DTYPES:
-        problems.append(f"model.dtype={model.dtype!r} must be one of {DTYPES}")
+    if model.dtype not in COMPUTE_DTYPES:
+        problems.append(f"model.dtype={model.dtype!r} must be one of {COMPUTE_DTYPES}")
+    elif model.dtype == "float64" and not _x64_enabled():
+        problems.append("model.dtype='float64' needs 64-bit JAX: run with JAX_ENABLE_X64=1")
     if model.variant == "coco" and model.num_classes != 81:
         problems.append("the coco variant needs model.num_classes=81")
     if mode == "train" and not train.pretrain_epochs < train.num_epochs:

@@ -154,3 +154,8 @@ def voc_palette() -> list[int]:
             value >>= 3
         palette.extend(colour)
     return palette
+
+
+# ``config.model.dtype`` values: the computation dtype (parameters stay float32). float64 needs
+# 64-bit JAX (``JAX_ENABLE_X64=1``) and serves exact comparisons with the reference.
+COMPUTE_DTYPES = ("float32", "bfloat16", "float64")

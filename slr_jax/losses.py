@@ -217,11 +217,12 @@ def slrnet_objective(
       ``cam``, ``refined``, ``pseudo`` (B, H, W, C).
     """
     _check_variant(variant)
-    labels = batch["labels"].astype(jnp.float32)
+    out_dtype = outputs["masks"].dtype  # float32, or float64 for a float64 model
+    labels = batch["labels"].astype(out_dtype)
     c_cls, c_mask, c_code, c_seg = (float(c) for c in loss_cfg.loss_coeff)
     aux_w = float(loss_cfg.aux_weight)
     semi = variant in SEMI_VARIANTS
-    labeled = batch["is_labeled"].astype(jnp.float32) if semi else None
+    labeled = batch["is_labeled"].astype(out_dtype) if semi else None
     if variant == "coco":  # validated before any work is done
         pos_weight = _class_weights(loss_cfg, labels.shape[-1]) * float(loss_cfg.pos_weight)
 

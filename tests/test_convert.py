@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 from flax import traverse_util
+from numerics import assert_close
 
 from slr_jax import convert
 from slr_jax.checkpoint import CheckpointError, check_tree_shapes, load_variables
@@ -68,16 +69,6 @@ def assert_trees_equal(got, want) -> None:
     for k in want:
         assert got[k].shape == want[k].shape, k
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
-
-
-def assert_close(ours, ref, rtol: float, what: str) -> tuple[float, float]:
-    """Max |a-b| relative to max |ref| within ``rtol``; returns (max_abs, rel)."""
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} vs reference {ref.shape}"
-    max_abs = float(np.max(np.abs(ours - ref)))
-    rel = max_abs / max(float(np.max(np.abs(ref))), 1e-12)
-    assert rel <= rtol, f"{what}: max |a-b| = {max_abs:.3g}, rel err = {rel:.3g} > {rtol:g}"
-    return max_abs, rel
 
 
 def tiny_state_dict(variant: str = "wsss", seed: int = 0) -> tuple[dict, dict]:

@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import traverse_util
+from numerics import assert_close
 
 from configs import common
 from slr_jax.losses import (
@@ -55,19 +56,6 @@ def nchw(x):
 def nhwc(t):
     x = t.detach().numpy()
     return x.transpose(0, 2, 3, 1) if x.ndim == 4 else x
-
-
-def assert_close(ours, ref, rtol: float, what: str, atol: float = 0.0) -> None:
-    """max |a-b| at most ``atol + rtol * max |ref|``; the message quotes abs and rel error."""
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} vs reference {ref.shape}"
-    assert np.all(np.isfinite(ours)), f"{what}: non-finite values {ours}"
-    max_abs = float(np.max(np.abs(ours - ref))) if ours.size else 0.0
-    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
-    rel = max_abs / max(scale, 1e-30)
-    assert max_abs <= atol + rtol * scale, (
-        f"{what}: max |a-b| = {max_abs:.3g}, rel err = {rel:.3g} (rtol {rtol:g}, atol {atol:g})"
-    )
 
 
 def random_probs(rng, shape, sharpness=3.0):

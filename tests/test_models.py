@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 from flax import traverse_util
+from numerics import assert_close
 
 from configs import common
 from slr_jax.convert import flax_to_torch
@@ -95,15 +96,6 @@ def from_torch(t) -> np.ndarray:
     """torch (NCHW for 4-D) -> NumPy NHWC."""
     x = t.detach().numpy()
     return x.transpose(0, 2, 3, 1) if x.ndim == 4 else x
-
-
-def assert_close(ours, ref, rtol: float = 1e-5, what: str = "") -> None:
-    """Max abs error relative to max |ref| below ``rtol``; the message quotes both figures."""
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} vs reference {ref.shape}"
-    max_abs = float(np.max(np.abs(ours - ref)))
-    rel = max_abs / max(float(np.max(np.abs(ref))), 1e-12)
-    assert rel <= rtol, f"{what}: max |a-b| = {max_abs:.3g}, rel err = {rel:.3g} > {rtol:g}"
 
 
 class TorchWeights:
@@ -358,15 +350,9 @@ def _bn_leaves(batch_stats) -> dict:
 
 
 def test_gci_train_mode_uses_batch_statistics_and_momentum():
-    """Batch statistics in training; running mean updated like torch (momentum 0.05).
-
-    Running var: Flax blends in the *biased* batch variance, torch the unbiased one, so
-    ``torch_var - flax_var = 0.05 * unbiased_var / n`` with n = B*h*w (1/n relative to the
-    blended-in term). Here n = 126 (0.8 %); at the reference's training size (16 x 81 x 81 at
-    stride 4) n = 104976 and the gap is ~1e-5 relative: negligible, but not bit-exact.
-    """
+    """Batch statistics in training; running mean and variance updated like torch (momentum
+    0.05, the unbiased batch variance blended into the running variance)."""
     b, h, w_ = 2, 9, 7
-    n = b * h * w_
     shallow, deep = _nhwc((b, h, w_, 16), 1), _nhwc((b, h, w_, 16), 2)
     gci = GCI(WIDTH)
     variables = random_variables(gci, shallow, deep)
@@ -384,15 +370,10 @@ def test_gci_train_mode_uses_batch_statistics_and_momentum():
         key = layer.replace("/", ".")
         assert_close(new[f"{layer}/mean"], weights.sd[f"{key}.running_mean"].numpy(),
                      what=f"{layer} running mean")  # fmt: skip
-        old_var = old[f"{key}.running_var"].numpy().astype(np.float64)
-        torch_var = weights.sd[f"{key}.running_var"].numpy().astype(np.float64)
-        unbiased = (torch_var - (1 - TORCH_BN_MOMENTUM) * old_var) / TORCH_BN_MOMENTUM
-        expected_flax = (1 - TORCH_BN_MOMENTUM) * old_var + TORCH_BN_MOMENTUM * unbiased * (
-            n - 1
-        ) / n
-        assert_close(new[f"{layer}/var"], expected_flax, what=f"{layer} running var (biased)")
-        gap = (torch_var - new[f"{layer}/var"]) / (TORCH_BN_MOMENTUM * unbiased)
-        np.testing.assert_allclose(gap, 1.0 / n, rtol=0.05, err_msg=f"{layer}: var gap != 1/n")
+        assert_close(new[f"{layer}/var"], weights.sd[f"{key}.running_var"].numpy(),
+                     what=f"{layer} running var (unbiased)")  # fmt: skip
+        moved = np.max(np.abs(new[f"{layer}/var"] - old[f"{key}.running_var"].numpy()))
+        assert moved > 1e-4, f"{layer}: running variance not updated"
 
 
 def test_conv_bn_relu_train_mode_matches_torch():
@@ -875,3 +856,116 @@ def test_clear_errors_for_bad_configuration_and_input():
         model.apply(variables, jnp.zeros((1, 3, 33, 33)))
     with pytest.raises(ValueError, match=r"images must be \(B, H, W, 3\) NHWC"):
         model.apply(variables, jnp.zeros((33, 33, 3)))
+
+
+# ------------------------------------------------------------------------------ float64
+def _float64(tree):
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), tree)
+
+
+def _torch64(x: np.ndarray):
+    x = np.asarray(x, np.float64)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2) if x.ndim == 4 else x))
+
+
+def test_float64_gci_training_matches_torch_float64():
+    """With x64 on, a head block in training mode (batch statistics, unbiased running variance)
+    agrees with PyTorch's float64 to ~1e-13: float32 rounding is the only gap left in float32."""
+    shallow, deep = _nhwc((2, 9, 7, 16), 1), _nhwc((2, 9, 7, 16), 2)
+    variables = random_variables(GCI(WIDTH), shallow, deep)
+    weights = TorchWeights(variables)
+    weights.sd = {k: v.double() for k, v in weights.sd.items()}
+    ref = torch_gci(weights, _torch64(shallow), _torch64(deep), training=True)
+    with jax.enable_x64(True):
+        out, updates = GCI(WIDTH, dtype=jnp.float64).apply(
+            _float64(variables), _float64(shallow), _float64(deep), True, mutable=["batch_stats"]
+        )
+        assert out.dtype == jnp.float64
+        assert_close(out, from_torch(ref), 1e-12, "GCI train float64")
+        new = _bn_leaves(updates["batch_stats"])
+    for layer in ("fc_deep/1", "fc_skip/1", "fc_cls/1"):
+        key = layer.replace("/", ".")
+        for stat in ("mean", "var"):
+            torch_stat = weights.sd[f"{key}.running_{stat}"].numpy()
+            assert_close(new[f"{layer}/{stat}"], torch_stat, 1e-12, f"{layer} running {stat}")
+
+
+def test_float64_factorization_matches_torch_float64_with_gradients():
+    b, n, d, k = 2, 40, 16, 7
+    rng = np.random.default_rng(3)
+    x, dict_init = rng.normal(size=(b, n, d)), rng.normal(size=(b, k, d))
+    probe = [rng.normal(size=s) for s in [(b, n, d), (b, k, n), (b, k, d)]]
+    module = FactorizationReconstruction(3, 0.5, dtype=jnp.float64)
+    variables = random_variables(FactorizationReconstruction(3, 0.5), x, dict_init, seed=3)
+    sd = {
+        k_: torch.from_numpy(np.array(v, np.float64)).requires_grad_(True)
+        for k_, v in flax_to_torch(variables).items()
+    }
+    xt = torch.from_numpy(x).requires_grad_(True)
+    ref_outs = torch_factorization(xt, torch.from_numpy(dict_init), sd, num_iters=3,
+                                   temperature=0.5)  # fmt: skip
+    sum((o * torch.from_numpy(p)).sum() for o, p in zip(ref_outs, probe)).backward()
+    with jax.enable_x64(True):
+
+        def objective(params, x_in):
+            outs = module.apply({"params": params}, x_in, jnp.asarray(dict_init))
+            return sum(jnp.sum(o * p) for o, p in zip(outs, probe)), outs
+
+        (_, outs), (grad_params, grad_x) = jax.value_and_grad(objective, (0, 1), has_aux=True)(
+            _float64(variables["params"]), jnp.asarray(x)
+        )
+        assert all(o.dtype == jnp.float64 for o in outs)
+    for name, ours, ref in zip(("output", "codes", "dictionary"), outs, ref_outs):
+        assert_close(ours, ref.detach().numpy(), 1e-12, f"{name} float64")
+    assert_close(grad_x, xt.grad.numpy(), 1e-12, "d/dx float64")
+    for layer in ("transform1", "transform2"):
+        got = grad_params[layer]["kernel"].T
+        assert_close(got, sd[f"{layer}.weight"].grad.numpy(), 1e-12, f"d/d{layer}.W float64")
+
+
+def test_float64_slrnet_gradient_matches_finite_differences():
+    """The whole training-mode network in float64: every output float64, and the gradient of
+    a probe of its outputs agrees with a central finite difference along a random direction
+    (float32 could not resolve this: its step error alone is ~1e-3). Without the low-rank
+    module, whose initial dictionary is detached on purpose (so its gradient is not the
+    derivative); that module is pinned against PyTorch float64 above."""
+    model, variables = small_model_and_variables("semi_wo_cls")
+    model = model.clone(dtype=jnp.float64, use_low_rank=False)
+    variables = {
+        c: {k: v for k, v in tree.items() if k != "factorization_reconstruction"}
+        for c, tree in variables.items()
+    }
+    images = np.random.default_rng(5).normal(size=(1, 33, 29, 3))
+    with jax.enable_x64(True):
+        params = _float64(variables["params"])
+        rest = {"batch_stats": _float64(variables["batch_stats"])}
+        key = jax.random.key(0)
+
+        def probe(p):
+            out, _ = model.apply(
+                {"params": p, **rest}, jnp.asarray(images), mode="train", train=True,
+                rngs={"dropout": key}, mutable=["batch_stats"],
+            )  # fmt: skip
+            assert all(v.dtype == jnp.float64 for v in out.values())
+            return jnp.sum(out["masks"] * out["masks2"]) + jnp.sum(out["cls"] ** 2)
+
+        value, grads = jax.jit(jax.value_and_grad(probe))(params)
+        leaves, tree = jax.tree_util.tree_flatten(params)
+        rng = np.random.default_rng(6)
+        direction = tree.unflatten([rng.normal(size=leaf.shape) for leaf in leaves])
+        along = lambda t: jax.tree_util.tree_map(lambda a, v: a + t * v, params, direction)
+        eps = 1e-6
+        f = jax.jit(probe)
+        numeric = (float(f(along(eps))) - float(f(along(-eps)))) / (2 * eps)
+        analytic = sum(
+            float(jnp.vdot(g, v))
+            for g, v in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(direction))
+        )
+    assert np.isfinite(float(value))
+    rel = abs(numeric - analytic) / max(abs(analytic), 1e-12)
+    assert rel < 1e-6, f"directional derivative: analytic {analytic:.12g}, numeric {numeric:.12g}"
+
+
+def test_float64_needs_x64():
+    with pytest.raises(ValueError, match="JAX_ENABLE_X64=1"):
+        build_model(model_config(dtype="float64"))

@@ -14,6 +14,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from numerics import assert_close
 
 from slr_jax.ops.pamr import pamr, pamr_affinity
 
@@ -60,16 +61,6 @@ def nchw(x):
 
 def nhwc(t):
     return t.detach().numpy().transpose(0, 2, 3, 1)
-
-
-def assert_close(ours, ref, rtol: float, what: str) -> None:
-    """max |a-b| relative to max |ref| at most ``rtol``; the message quotes both numbers."""
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} vs reference {ref.shape}"
-    assert np.all(np.isfinite(ours)), f"{what}: non-finite values"
-    max_abs = float(np.max(np.abs(ours - ref)))
-    rel = max_abs / max(float(np.max(np.abs(ref))), 1e-30)
-    assert rel <= rtol, f"{what}: max |a-b| = {max_abs:.3g}, rel err = {rel:.3g} > {rtol:g}"
 
 
 def random_inputs(batch, height, width, classes, seed, flat_patches=False):

@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-BN_EPS = 1e-5
+from slr_jax.models.layers import BatchNorm, conv
 
 # (name, block kind, in, mid, out, stride, first_dilation, dilation, dropout); channels at width 1.
 RESNET38_BLOCKS = (
@@ -56,47 +56,11 @@ def scale_channels(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
 
 
-def conv(
-    features: int,
-    kernel: int,
-    *,
-    stride: int = 1,
-    dilation: int = 1,
-    use_bias: bool = False,
-    dtype: Any = jnp.float32,
-    zero_init: bool = False,
-    name: str | None = None,
-) -> nn.Conv:
-    """A PyTorch-style conv: symmetric zero padding ``dilation * (kernel // 2)``; He-normal
-    kernel, or zeros with ``zero_init``."""
-    pad = dilation * (kernel // 2)
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)),
-        kernel_dilation=(dilation, dilation),
-        use_bias=use_bias,
-        dtype=dtype,
-        kernel_init=(
-            nn.initializers.zeros
-            if zero_init
-            else nn.initializers.variance_scaling(2.0, "fan_in", "normal")
-        ),
-        name=name,
-    )
-
-
-def backbone_batch_norm(dtype: Any, name: str, batch_stats: bool, train: bool) -> nn.BatchNorm:
+def backbone_batch_norm(dtype: Any, name: str, batch_stats: bool, train: bool) -> BatchNorm:
     """A backbone BatchNorm: running statistics always (PyTorch ``FixedBatchNorm2d``, the
-    reference) unless ``batch_stats``, which uses batch statistics when ``train``."""
-    return nn.BatchNorm(
-        use_running_average=not (batch_stats and train),
-        momentum=0.9,  # PyTorch's momentum 0.1, used only when ``batch_stats``
-        epsilon=BN_EPS,
-        dtype=dtype,
-        name=name,
-    )
+    reference) unless ``batch_stats``, which uses batch statistics (momentum 0.1) when
+    ``train``."""
+    return BatchNorm(use_running_average=not (batch_stats and train), dtype=dtype, name=name)
 
 
 class ResBlock(nn.Module):
@@ -140,7 +104,7 @@ class ResBlock(nn.Module):
             3,
             dilation=self.dilation,
             dtype=self.dtype,
-            zero_init=self.zero_init_residual,
+            init="zeros" if self.zero_init_residual else "fan_in",
             name="conv_branch2b1",
         )(y)
         return shortcut + y, pre
@@ -183,7 +147,7 @@ class BottleneckBlock(nn.Module):
             self.out_channels,
             1,
             dtype=self.dtype,
-            zero_init=self.zero_init_residual,
+            init="zeros" if self.zero_init_residual else "fan_in",
             name="conv_branch2b2",
         )(y)
         return shortcut + y, pre

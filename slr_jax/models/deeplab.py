@@ -19,9 +19,8 @@ are kept so its checkpoints map onto these paths too):
 Every convolution of the head is bias-free except the classifier; head BatchNorms use batch
 statistics in training (PyTorch momentum 0.1). Under ``jit`` with a batch sharded over devices
 the batch statistics are those of the global batch (PyTorch's SyncBatchNorm), with no
-``axis_name``. One known difference from PyTorch: Flax blends the *biased* batch variance into
-the running variance, PyTorch the unbiased one; for the image-pooling BatchNorm, which sees B
-values per channel, the new-statistic term is smaller by (B-1)/B.
+``axis_name``; their running variances take the unbiased batch variance, as PyTorch's do
+(``slr_jax.models.layers.BatchNorm``).
 
 Call convention, as SLRNet's (``docs/design.md``)::
 
@@ -51,14 +50,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from slr_jax.models.backbone import BN_EPS, conv, scale_channels
+from slr_jax.models.backbone import scale_channels
+from slr_jax.models.layers import BatchNorm, compute_dtype, conv
 from slr_jax.models.resnet import RESNET_LAYERS, ResNet, dilation_for_output_stride
 from slr_jax.ops import resize_bilinear_align_corners
 
 ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
 MODES = ("test", "train")
-# PyTorch's BatchNorm momentum 0.1 is Flax momentum 0.9.
-HEAD_BN_MOMENTUM = 0.9
 # Keys of ``config.model`` that ``build_deeplab`` reads (see ``deeplab_model_config``).
 CONFIG_KEYS = (
     "num_classes",
@@ -73,14 +71,9 @@ CONFIG_KEYS = (
 )
 
 
-def _batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
-    return nn.BatchNorm(
-        use_running_average=not train,
-        momentum=HEAD_BN_MOMENTUM,
-        epsilon=BN_EPS,
-        dtype=dtype,
-        name=name,
-    )
+def _batch_norm(train: bool, dtype: Any, name: str) -> BatchNorm:
+    """A head BatchNorm: batch statistics in training, PyTorch's momentum 0.1."""
+    return BatchNorm(use_running_average=not train, dtype=dtype, name=name)
 
 
 class ASPPModule(nn.Module):
@@ -187,7 +180,7 @@ class DeepLabV3Plus(nn.Module):
       layers: backbone blocks per stage (``RESNET_LAYERS[101]`` = ResNet-101).
       output_stride: 16 or 8 (backbone dilation and ASPP rates).
       width: channel multiplier of backbone and head (1.0 = the published network).
-      dtype: compute dtype (parameters float32; logits and masks returned as float32).
+      dtype: compute dtype (parameters float32; logits and masks returned in at least float32).
       remat: rematerialise backbone blocks in the backward pass.
       train_backbone_norm: backbone BatchNorms use batch statistics in training (PyTorch
         ``train()``); False keeps their running statistics (frozen).
@@ -239,11 +232,12 @@ class DeepLabV3Plus(nn.Module):
         features = self.backbone(images, train)
         x = self.aspp(features["layer4"], train)
         logits = self.decoder(x, features["layer1"], train)
-        logits = resize_bilinear_align_corners(logits.astype(jnp.float32), images.shape[1:3])
+        out_dtype = jnp.promote_types(self.dtype, jnp.float32)  # float64 models: float64
+        logits = resize_bilinear_align_corners(logits.astype(out_dtype), images.shape[1:3])
         return {
             "logits": logits,
             "masks": jax.nn.softmax(logits, axis=-1),
-            "cls": jnp.ones((images.shape[0], self.num_classes - 1), jnp.float32),
+            "cls": jnp.ones((images.shape[0], self.num_classes - 1), out_dtype),
         }
 
 
@@ -274,9 +268,7 @@ def build_deeplab(model_cfg) -> DeepLabV3Plus:
     missing = [k for k in CONFIG_KEYS if k not in model_cfg]
     if missing:
         raise ValueError(f"config.model lacks DeepLab keys {missing} (see deeplab_model_config)")
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(str(model_cfg["dtype"]))
-    if dtype is None:
-        raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {model_cfg['dtype']!r}")
+    dtype = compute_dtype(str(model_cfg["dtype"]))
     depth = int(model_cfg["depth"])
     if depth not in RESNET_LAYERS:
         raise ValueError(f"model.depth must be one of {sorted(RESNET_LAYERS)}, got {depth}")

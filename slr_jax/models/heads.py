@@ -12,21 +12,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from slr_jax.models.backbone import BN_EPS, conv, scale_channels
+from slr_jax.models.backbone import scale_channels
+from slr_jax.models.layers import BatchNorm, conv
 
-# PyTorch momentum 0.05 (weight of the new batch statistic) is Flax momentum 0.95.
-HEAD_BN_MOMENTUM = 0.95
+# The reference's head BatchNorm momentum (PyTorch convention: weight of the batch statistic).
+HEAD_BN_MOMENTUM = 0.05
 GATE_ALPHA = 0.3
 
 
 def head_batch_norm(
     train: bool, dtype: Any, name: str, *, affine: bool = True, frozen_stats: bool = False
-) -> nn.BatchNorm:
+) -> BatchNorm:
     """A head BatchNorm: batch statistics in training unless ``frozen_stats`` (ASPP)."""
-    return nn.BatchNorm(
+    return BatchNorm(
         use_running_average=frozen_stats or not train,
         momentum=HEAD_BN_MOMENTUM,
-        epsilon=BN_EPS,
         use_scale=affine,
         use_bias=affine,
         dtype=dtype,

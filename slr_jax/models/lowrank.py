@@ -65,7 +65,8 @@ def torch_linear_init(fan_in: int) -> dict[str, Any]:
 
 class FactorizationReconstruction(nn.Module):
     """``x`` (B, N, D) and initial dictionary (B, K, D) -> (reconstruction (B, N, D),
-    codes (B, K, N) float32, dictionary (B, K, D) float32)."""
+    codes (B, K, N), dictionary (B, K, D)); codes and dictionary in float32 (float64 for a
+    float64 ``dtype``)."""
 
     num_iters: int = 1
     temperature: float = 1.0
@@ -82,8 +83,9 @@ class FactorizationReconstruction(nn.Module):
         transform2 = nn.Dense(d, dtype=self.dtype, name="transform2", **torch_linear_init(d))
         # The projections run in ``dtype``; codes, softmax and normalisations in float32 (in
         # bfloat16 the ~1/K codes would be quantised to a few levels and their argmax tie).
-        projected = transform1(x).astype(jnp.float32)
-        dictionary = l2_normalize(transform1(dictionary_init).astype(jnp.float32))
+        exact = jnp.promote_types(self.dtype, jnp.float32)
+        projected = transform1(x).astype(exact)
+        dictionary = l2_normalize(transform1(dictionary_init).astype(exact))
         codes = None
         for _ in range(self.num_iters):
             dots = jnp.einsum("bkd,bnd->bkn", dictionary, projected) * (1.0 / self.temperature)

@@ -43,13 +43,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from slr_jax.models.backbone import BN_EPS, scale_channels
+from slr_jax.models.backbone import scale_channels
+from slr_jax.models.layers import BatchNorm, conv
 
 RESNET_LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 STAGE_PLANES = (64, 128, 256, 512)
 EXPANSION = 4
-# PyTorch's BatchNorm momentum 0.1 (weight of the new batch statistic) is Flax momentum 0.9.
-BN_MOMENTUM = 0.9
 
 
 def dilation_for_output_stride(output_stride: int) -> tuple[bool, bool, bool]:
@@ -60,39 +59,17 @@ def dilation_for_output_stride(output_stride: int) -> tuple[bool, bool, bool]:
     return table[output_stride]
 
 
-def torch_conv(
-    features: int,
-    kernel: int,
-    *,
-    stride: int = 1,
-    dilation: int = 1,
-    dtype: Any = jnp.float32,
-    name: str | None = None,
-) -> nn.Conv:
-    """torchvision's bias-free conv: zero padding ``dilation * (kernel // 2)``, kernel drawn
-    as its ``kaiming_normal_(mode='fan_out', nonlinearity='relu')``."""
-    pad = dilation * (kernel // 2)
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)),
-        kernel_dilation=(dilation, dilation),
-        use_bias=False,
-        dtype=dtype,
-        kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
-        name=name,
-    )
+def torch_conv(features: int, kernel: int, **kwargs: Any) -> nn.Conv:
+    """torchvision's bias-free conv, kernel drawn as its ``kaiming_normal_(mode='fan_out')``."""
+    return conv(features, kernel, init="fan_out", **kwargs)
 
 
 def resnet_batch_norm(
     train: bool, batch_stats: bool, dtype: Any, name: str, *, zero_scale: bool = False
-) -> nn.BatchNorm:
+) -> BatchNorm:
     """BatchNorm with PyTorch's defaults; batch statistics only when ``train and batch_stats``."""
-    return nn.BatchNorm(
+    return BatchNorm(
         use_running_average=not (train and batch_stats),
-        momentum=BN_MOMENTUM,
-        epsilon=BN_EPS,
         dtype=dtype,
         scale_init=nn.initializers.zeros if zero_scale else nn.initializers.ones,
         name=name,

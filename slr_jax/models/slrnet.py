@@ -34,6 +34,7 @@ from slr_jax.models.heads import (
     stochastic_gate,
     with_background,
 )
+from slr_jax.models.layers import compute_dtype
 from slr_jax.models.lowrank import FactorizationReconstruction, initial_dictionary
 from slr_jax.ops import resize_bilinear_align_corners, scaled_size
 
@@ -55,7 +56,9 @@ class SLRNet(nn.Module):
       num_iters: factorisation iterations of the low-rank module.
       temperature: softmax temperature of the codes.
       scale_factor: size factor of the second view (``int(H*f) x int(W*f)``).
-      dtype: computation dtype (parameters stay float32).
+      dtype: computation dtype (parameters stay float32): float32, bfloat16, or float64 (with
+        ``jax_enable_x64``, for exact comparisons). Logits, masks, codes and scores are returned
+        in ``out_dtype``: float32, or float64 for a float64 model.
       remat: rematerialise backbone blocks in the backward pass (saves activation memory).
       use_low_rank: False drops the cross-view low-rank module (an ablation: features pass
         through unchanged, codes are zeros so the code-consistency term is 0, no parameters).
@@ -93,6 +96,11 @@ class SLRNet(nn.Module):
             )
 
     @property
+    def out_dtype(self) -> Any:
+        """The dtype of every output: at least float32 (bfloat16 models return float32)."""
+        return jnp.promote_types(self.dtype, jnp.float32)
+
+    @property
     def predicts_background(self) -> bool:
         """Whether the heads output the background logit themselves (``semi_wo_cls``)."""
         return self.variant == "semi_wo_cls"
@@ -111,7 +119,7 @@ class SLRNet(nn.Module):
         """Aux head: (B, h, w, 256w) -> (logits, softmax masks), both (B, h, w, C)."""
         logits = self.aux_head(x, train)
         logits = with_background(logits, "none" if self.predicts_background else "one_minus_max")
-        logits = logits.astype(jnp.float32)
+        logits = logits.astype(self.out_dtype)
         return logits, jax.nn.softmax(logits, axis=-1)
 
     def segmentation_forward(
@@ -123,13 +131,13 @@ class SLRNet(nn.Module):
         x = stochastic_gate(x, injected, train=train, rng=rng)
         logits = self.last_conv(x, train)
         logits = with_background(logits, "none" if self.predicts_background else "constant")
-        logits = logits.astype(jnp.float32)
+        logits = logits.astype(self.out_dtype)
         return logits, jax.nn.softmax(logits, axis=-1)
 
     def class_scores(self, logits: jax.Array, masks: jax.Array) -> jax.Array:
         """(B, h, w, C) logits and masks -> (B, C-1) scores (ones for ``semi_wo_cls``)."""
         if self.predicts_background:
-            return jnp.ones((logits.shape[0], self.num_classes - 1), jnp.float32)
+            return jnp.ones((logits.shape[0], self.num_classes - 1), self.out_dtype)
         return mask_pooled_scores(logits, masks)
 
     def low_rank(
@@ -141,8 +149,8 @@ class SLRNet(nn.Module):
         """
         if not self.use_low_rank:
             atoms = dictionary_init.shape[1]
-            codes = [jnp.zeros((*v.shape[:3], atoms), jnp.float32) for v in views]
-            return list(views), codes, dictionary_init.astype(jnp.float32)
+            codes = [jnp.zeros((*v.shape[:3], atoms), self.out_dtype) for v in views]
+            return list(views), codes, dictionary_init.astype(self.out_dtype)
         flat = jnp.concatenate([_flatten_pixels(v) for v in views], axis=1)
         out, codes, dictionary = self.factorization_reconstruction(flat, dictionary_init)
         recon, codes_per_view, start = [], [], 0
@@ -202,19 +210,14 @@ class SLRNet(nn.Module):
             "cls": cls,
             "cls2": cls2,
             "cls_aux": self.class_scores(aux_logits, aux_masks),
-            "codes": codes.astype(jnp.float32),
-            "codes2": resize_bilinear_align_corners(codes2, size).astype(jnp.float32),
-            "dictionary": dictionary.astype(jnp.float32),
+            "codes": codes.astype(self.out_dtype),
+            "codes2": resize_bilinear_align_corners(codes2, size).astype(self.out_dtype),
+            "dictionary": dictionary.astype(self.out_dtype),
         }
-
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def build_model(model_cfg) -> SLRNet:
     """``SLRNet`` from ``config.model`` (every key of configs/common.py's model section)."""
-    if model_cfg.dtype not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {tuple(DTYPES)}, got {model_cfg.dtype!r}")
     return SLRNet(
         variant=str(model_cfg.variant),
         num_classes=int(model_cfg.num_classes),
@@ -222,7 +225,7 @@ def build_model(model_cfg) -> SLRNet:
         num_iters=int(model_cfg.num_iters),
         temperature=float(model_cfg.temperature),
         scale_factor=float(model_cfg.scale_factor),
-        dtype=DTYPES[model_cfg.dtype],
+        dtype=compute_dtype(model_cfg.dtype),
         remat=bool(model_cfg.remat),
         use_low_rank=bool(model_cfg.use_low_rank),
     )

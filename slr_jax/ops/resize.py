@@ -16,14 +16,16 @@ import numpy as np
 
 
 @functools.lru_cache(maxsize=256)
-def interp_matrix_np(in_size: int, out_size: int) -> np.ndarray:
+def interp_matrix_np(in_size: int, out_size: int, coord_dtype: str = "float32") -> np.ndarray:
     """(out_size, in_size) float64 matrix of align-corners linear interpolation weights.
 
-    The source coordinates and weights are computed in float32 the way PyTorch's kernels do
-    (``scale = float(in - 1) / (out - 1)``, ``src = scale * dst``), so the matrix reproduces
-    PyTorch's rounding of the weights rather than the exact real-valued ones (they differ by up
-    to ~1e-5 relative for odd sizes such as 161 -> 80).
+    The source coordinates and weights are computed in ``coord_dtype`` the way PyTorch's
+    kernels do for tensors of that dtype (``scale = float(in - 1) / (out - 1)``,
+    ``src = scale * dst``), so the matrix reproduces PyTorch's rounding of the weights rather
+    than the exact real-valued ones (in float32 they differ by up to ~1e-5 relative for odd
+    sizes such as 161 -> 80).
     """
+    ftype = np.dtype(coord_dtype).type
     if in_size < 1 or out_size < 1:
         raise ValueError(f"resize sizes must be positive, got in={in_size}, out={out_size}")
     mat = np.zeros((out_size, in_size), dtype=np.float64)
@@ -31,20 +33,22 @@ def interp_matrix_np(in_size: int, out_size: int) -> np.ndarray:
         # PyTorch: with one output (or input) sample every output reads source index 0.
         mat[:, 0] = 1.0
         return mat
-    scale = np.float32(in_size - 1) / np.float32(out_size - 1)
-    src = (scale * np.arange(out_size, dtype=np.float32)).astype(np.float32)
+    scale = ftype(in_size - 1) / ftype(out_size - 1)
+    src = (scale * np.arange(out_size, dtype=ftype)).astype(ftype)
     lo = np.clip(np.floor(src).astype(np.int64), 0, in_size - 1)
     hi = np.minimum(lo + 1, in_size - 1)
-    frac = np.clip(src - lo.astype(np.float32), np.float32(0), np.float32(1))
+    frac = np.clip(src - lo.astype(ftype), ftype(0), ftype(1))
     rows = np.arange(out_size)
-    np.add.at(mat, (rows, lo), (np.float32(1) - frac).astype(np.float64))
+    np.add.at(mat, (rows, lo), (ftype(1) - frac).astype(np.float64))
     np.add.at(mat, (rows, hi), frac.astype(np.float64))
     return mat
 
 
 def interp_matrix(in_size: int, out_size: int, dtype=jnp.float32) -> jax.Array:
-    """Align-corners interpolation matrix (out_size, in_size) as a constant of ``dtype``."""
-    return jnp.asarray(interp_matrix_np(int(in_size), int(out_size)), dtype=dtype)
+    """Align-corners interpolation matrix (out_size, in_size) as a constant of ``dtype``
+    (coordinates rounded as PyTorch rounds them for ``dtype``: float64 for float64)."""
+    coords = "float64" if jnp.dtype(dtype) == jnp.float64 else "float32"
+    return jnp.asarray(interp_matrix_np(int(in_size), int(out_size), coords), dtype=dtype)
 
 
 def resize_bilinear_align_corners(x: jax.Array, size: tuple[int, int]) -> jax.Array:

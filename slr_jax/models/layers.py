@@ -1,0 +1,120 @@
+"""PyTorch-equivalent building blocks shared by every network here (NHWC).
+
+``compute_dtype``: the model's computation dtype from its config name. ``conv``: ``nn.Conv``
+with PyTorch's symmetric zero padding. ``BatchNorm``: PyTorch's
+``BatchNorm2d`` semantics, including its running-variance update (see the class).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from slr_jax.constants import COMPUTE_DTYPES
+
+BN_EPS = 1e-5
+
+# Kernel initialisers by name: the reference's He-normal (fan_in), torchvision's ResNet
+# kaiming_normal_(mode='fan_out'), and zeros (zero-initialised residual branches).
+KERNEL_INITS = {
+    "fan_in": nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
+    "fan_out": nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+    "zeros": nn.initializers.zeros,
+}
+
+
+def compute_dtype(name: str) -> Any:
+    """``config.model.dtype`` (one of ``COMPUTE_DTYPES``) as a JAX dtype; float64 needs x64."""
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"model.dtype must be one of {COMPUTE_DTYPES}, got {name!r}")
+    if name == "float64" and not jax.config.jax_enable_x64:
+        raise ValueError(
+            "model.dtype='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 in the environment "
+            "(or jax.config.update('jax_enable_x64', True) before any JAX call)"
+        )
+    return jnp.dtype(name)
+
+
+def conv(
+    features: int,
+    kernel: int,
+    *,
+    stride: int = 1,
+    dilation: int = 1,
+    use_bias: bool = False,
+    dtype: Any = jnp.float32,
+    init: str = "fan_in",
+    name: str | None = None,
+) -> nn.Conv:
+    """A PyTorch-style conv: zero padding ``dilation * (kernel // 2)`` on every side; the
+    kernel drawn by ``KERNEL_INITS[init]``."""
+    pad = dilation * (kernel // 2)
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        kernel_dilation=(dilation, dilation),
+        use_bias=use_bias,
+        dtype=dtype,
+        kernel_init=KERNEL_INITS[init],
+        name=name,
+    )
+
+
+class BatchNorm(nn.Module):
+    """PyTorch ``BatchNorm2d`` over the last axis: (..., C) -> (..., C) in ``dtype``.
+
+    Written here rather than taken from ``nn.BatchNorm`` for two PyTorch behaviours Flax does
+    not have: the running variance is updated with the *unbiased* batch variance
+    (``n / (n - 1)``, n = elements per channel), which is what the reference's trainable head
+    BatchNorms then normalise with at evaluation; and the batch variance is computed in two
+    passes (mean, then mean squared deviation), never as ``E[x^2] - E[x]^2``. Statistics and
+    normalisation run in at least float32 (float64 when ``x`` is float64). Variables keep
+    Flax's names (``params``: ``scale``, ``bias``; ``batch_stats``: ``mean``, ``var``), so
+    checkpoints and the weight conversion are unchanged.
+
+    Attributes:
+      use_running_average: normalise with the running statistics (PyTorch ``eval()`` or a
+        frozen BatchNorm) instead of the batch's.
+      momentum: PyTorch's momentum, the weight of the new batch statistic (0.1 by default).
+    """
+
+    use_running_average: bool
+    momentum: float = 0.1
+    epsilon: float = BN_EPS
+    use_scale: bool = True
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    scale_init: Callable = nn.initializers.ones
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels = x.shape[-1]
+        stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
+        xs = x.astype(stat_dtype)
+        if self.use_running_average:
+            mean, var = running_mean.value, running_var.value
+        else:
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(xs, axis=axes)
+            var = jnp.mean(jnp.square(xs - mean), axis=axes)
+            if not self.is_initializing():
+                count = x.size // channels
+                unbiased = var * (count / max(count - 1, 1))
+                m = self.momentum
+                running_mean.value = (1 - m) * running_mean.value + m * mean
+                running_var.value = (1 - m) * running_var.value + m * unbiased
+        mul = jax.lax.rsqrt(var.astype(stat_dtype) + self.epsilon)
+        if self.use_scale:
+            mul = mul * self.param("scale", self.scale_init, (channels,), jnp.float32)
+        y = (xs - mean.astype(stat_dtype)) * mul
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+        return y.astype(self.dtype)
