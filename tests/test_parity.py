@@ -152,6 +152,27 @@ def test_report_table_and_json():
     assert parity.format_table(report).splitlines()[-1] == "FAILED"
 
 
+def test_seed_reports_merge_into_one_that_passes_only_if_every_seed_passes():
+    good = parity.make_report(dict(META, seed=0), _rows(), {"run_s": 1.0})
+    bad = parity.make_report(
+        dict(META, seed=3), _rows() + [parity.Row("loss/seg", 1e-3, 1e-3, 1e-5)], {"run_s": 2.0}
+    )
+    merged = parity.merge_seed_reports([good, bad])
+    assert merged["seeds"] == [0, 3] and not merged["passed"] and "seed" not in merged
+    assert merged["timings"] == {"run_s": 3.0}
+    names = [r["name"] for r in merged["rows"]]
+    assert names[0] == "seed 0/test/masks" and names[-1] == "seed 3/loss/seg"
+    assert {k for r in merged["rows"] for k in r} >= {"name", "max_abs", "rel", "status"}
+    assert parity.merge_seed_reports([good, good])["passed"]
+
+
+def test_main_rejects_bad_seed_lists(capsys):
+    for seeds in ("0,x", "1,1", ","):
+        with pytest.raises(SystemExit):
+            parity.main(["--reference-repo", ".", "--seeds", seeds])
+        assert "--seeds" in capsys.readouterr().err
+
+
 def test_main_rejects_a_path_that_is_not_a_checkout(tmp_path, capsys):
     pytest.importorskip("torch")
     assert parity.main(["--reference-repo", str(tmp_path), "--no-grads"]) == 2
@@ -179,3 +200,17 @@ def test_wsss_matches_reference(tmp_path):
                      "loss/code_consistency (tie-free)", "loss/seg"):  # fmt: skip
         assert expected in names
     assert sum(name.startswith("grad/") for name in names) == 7
+
+
+@pytest.mark.skipif(not REFERENCE, reason="set SLR_REFERENCE_REPO (see above)")
+def test_float64_on_both_sides_agrees_to_1e_11_for_two_seeds(tmp_path):
+    """float64 against float64: no row may exceed 1e-11, so any float32 excess is rounding."""
+    pytest.importorskip("torch")
+    out = tmp_path / "parity64.json"
+    args = ["--reference-repo", REFERENCE, "--setting", "semi_wo_cls", "--crop", "49",
+            "--batch", "2", "--dtype", "float64", "--seeds", "0,1", "--json", str(out)]  # fmt: skip
+    code = parity.main(args)
+    report = json.loads(out.read_text())
+    assert code == 0 and report["passed"] and report["seeds"] == [0, 1]
+    judged = [r for r in report["rows"] if r["status"] != "info" and r["tol"] > 0]
+    assert judged and all(r["tol"] == 1e-11 and r["rel"] <= 1e-11 for r in judged)

@@ -1,8 +1,8 @@
 """Numerical parity with the official PyTorch SLRNet, from a checkout the user names.
 
 ``python -m slr_jax.parity --reference-repo PATH [--setting wsss] [--crop 161] [--batch 2]
-[--seed 0] [--tie-eps 1e-6] [--no-grads] [--dtype float32|bfloat16] [--scales 1,1.5,2,0.5,0.75]
-[--json FILE]``
+[--seed 0 | --seeds 0,1,2,3,4] [--tie-eps 1e-6] [--no-grads] [--dtype float32|bfloat16|float64]
+[--scales 1,1.5,2,0.5,0.75] [--json FILE]``
 
 Imports the reference's model class from ``PATH`` (never vendored), builds it with random
 weights (BatchNorm statistics and affine parameters randomised too, so no layer is an
@@ -36,6 +36,14 @@ tie-prone): per leaf, JAX's float32 gradient must be within max(1e-4, 2 x PyTorc
 own error) of the float64 one. When it is, an excess of the fp32-vs-fp32 row is reported as
 ``rounding-limited`` (not failing).
 
+float64 (``--dtype float64``, module ``exact``): both frameworks in float64 from the same
+weights and inputs, every row judged at 1e-11. It separates a real difference from rounding:
+a float32 row that exceeds its tolerance while the float64 run passes is rounding amplified
+by the computation's discontinuities, not a different computation.
+
+Several seeds (``--seeds``): one run per random draw of weights and inputs, every seed's rows
+named ``seed S/...`` in one report that passes only if every seed passes.
+
 Exit status 1 when a row fails (outputs and losses 1e-5, gradients 1e-4, relative).
 Needs ``torch`` (CPU is enough).
 
@@ -43,7 +51,8 @@ Modules: ``settings`` (reference settings, tolerances), ``inputs`` (the random b
 ``reference`` (loading and building the reference network, its multi-scale inference),
 ``reference_train`` (its training forward, loss and gradients), ``jax_side`` (our model and
 jitted training forward), ``ties`` (near-tie rules), ``grads`` (leaf-by-leaf gradient rows),
-``report`` (rows, JSON report, tables), ``runner`` (``run``: the comparison), ``cli``.
+``report`` (rows, JSON report, tables), ``runner`` (``run``: the comparison), ``exact``
+(``run_float64``), ``cli``.
 """
 
 from slr_jax.parity.cli import build_parser, main
@@ -83,6 +92,7 @@ from slr_jax.parity.report import (
     format_markdown,
     format_table,
     make_report,
+    merge_seed_reports,
 )
 from slr_jax.parity.runner import run
 from slr_jax.parity.settings import (
@@ -149,6 +159,7 @@ __all__ = [
     "main",
     "make_inputs",
     "make_report",
+    "merge_seed_reports",
     "masked_code_consistency",
     "near_tie_mask",
     "near_ties",

@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 
-from slr_jax.parity.report import format_table
+from slr_jax.parity.exact import run_float64
+from slr_jax.parity.report import format_table, merge_seed_reports
 from slr_jax.parity.runner import run
 from slr_jax.parity.settings import DEFAULT_SCALES, SETTINGS, TIE_EPS
 
@@ -21,15 +22,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--setting", default="wsss", choices=sorted(SETTINGS))
     parser.add_argument("--crop", type=int, default=161)
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="random draw of weights and inputs")
+    parser.add_argument(
+        "--seeds", default="",
+        help="several draws, comma-separated (e.g. 0,1,2,3,4): every seed's rows, named "
+        "'seed S/...', and PASSED only if every seed passes (overrides --seed)",
+    )  # fmt: skip
     parser.add_argument(
         "--tie-eps", type=float, default=TIE_EPS, help="top-2 code gap counted as a near tie"
     )
     parser.add_argument("--no-grads", action="store_true", help="skip the gradient rows (faster)")
     parser.add_argument(
-        "--dtype", default="float32", choices=("float32", "bfloat16"),
+        "--dtype", default="float32", choices=("float32", "bfloat16", "float64"),
         help="JAX computation dtype; bfloat16 reports its errors against the float32 reference "
-        "as info rows (parameters stay float32)",
+        "as info rows (parameters stay float32); float64 runs both sides in float64 and judges "
+        "every row at 1e-11 (a real difference, not rounding)",
     )  # fmt: skip
     parser.add_argument(
         "--scales", default=",".join(f"{x:g}" for x in DEFAULT_SCALES),
@@ -49,6 +56,27 @@ def _parse_scales(parser: argparse.ArgumentParser, text: str) -> tuple[float, ..
     return scales
 
 
+def _parse_seeds(parser: argparse.ArgumentParser, text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        parser.error(f"--seeds must be comma-separated integers, got {text!r}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        parser.error(f"--seeds must name distinct seeds, got {text!r}")
+    return seeds
+
+
+def _run_one(args, seed: int, scales: tuple[float, ...]) -> dict:
+    if args.dtype == "float64":
+        return run_float64(
+            args.reference_repo, args.setting, args.crop, args.batch, seed, not args.no_grads
+        )
+    return run(
+        args.reference_repo, args.setting, args.crop, args.batch, seed,
+        not args.no_grads, args.tie_eps, args.dtype, scales,
+    )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -60,15 +88,18 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("the parity tool needs PyTorch (CPU is enough): pip install torch", file=sys.stderr)
         return 2
+    seeds = _parse_seeds(parser, args.seeds) if args.seeds else (args.seed,)
+    reports = []
     try:
-        report = run(
-            args.reference_repo, args.setting, args.crop, args.batch, args.seed,
-            not args.no_grads, args.tie_eps, args.dtype, scales,
-        )  # fmt: skip
+        for seed in seeds:
+            reports.append(_run_one(args, seed, scales))
+            print(format_table(reports[-1]), flush=True)
     except FileNotFoundError as e:
         print(str(e), file=sys.stderr)
         return 2
-    print(format_table(report))
+    report = reports[0] if len(reports) == 1 else merge_seed_reports(reports)
+    if len(reports) > 1:
+        print(f"{len(seeds)} seeds: {'PASSED' if report['passed'] else 'FAILED'}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

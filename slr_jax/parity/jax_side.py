@@ -11,20 +11,21 @@ import numpy as np
 from slr_jax import convert
 from slr_jax.losses import slrnet_objective
 from slr_jax.models import SLRNet, variable_shapes
+from slr_jax.models.layers import compute_dtype
 from slr_jax.parity.settings import LOSS_COEFF, SETTINGS
 from slr_jax.parity.ties import _near_tie_mask_jnp, masked_code_consistency
 
 
 def converted_model(net, setting: str, num_classes: int, dtype: str):
-    """Our ``SLRNet`` of ``setting`` in ``dtype`` and the reference ``net``'s weights converted
-    to its variables: ``(model, variables)``."""
-    if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
-    model = SLRNet(variant=setting, num_classes=num_classes, dtype=jnp.dtype(dtype))
+    """Our ``SLRNet`` of ``setting`` in ``dtype`` and the reference ``net``'s (float32) weights
+    converted to its variables: ``(model, variables)``. For float64 (x64 on) the variables are
+    the float32 weights held exactly in float64."""
+    model = SLRNet(variant=setting, num_classes=num_classes, dtype=compute_dtype(dtype))
     # COCO's ``class_weights`` buffer is a loss constant (our ``loss.class_weights``).
     state = {k: v for k, v in net.state_dict().items() if k != "class_weights"}
     variables = convert.convert_checkpoint(state, variable_shapes(model))
-    return model, jax.tree_util.tree_map(jnp.asarray, variables)
+    leaf_dtype = jnp.float64 if dtype == "float64" else jnp.float32
+    return model, jax.tree_util.tree_map(lambda a: jnp.asarray(a, leaf_dtype), variables)
 
 
 def loss_config(setting: str, num_classes: int) -> ml_collections.ConfigDict:

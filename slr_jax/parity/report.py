@@ -111,3 +111,17 @@ def format_markdown(report: dict) -> str:
         lines.append(f"| `{r['name']}` | {r['max_abs']:.2e} | {r['rel']:.2e} | {r['tol']:.0e} "
                      f"| {r['status']} | {note} |")  # fmt: skip
     return "\n".join(lines)
+
+
+def merge_seed_reports(reports: list[dict]) -> dict:
+    """One report of several seeds' (same setting): every row, named ``seed S/<name>``;
+    ``passed`` only if every seed passed; ``seeds`` lists them, ``timings`` are summed."""
+    first = reports[0]
+    rows, timings = [], {}
+    for report in reports:
+        rows += [dict(r, name=f"seed {report['seed']}/{r['name']}") for r in report["rows"]]
+        for k, v in report["timings"].items():
+            timings[k] = round(timings.get(k, 0.0) + v, 2)
+    merged = {k: v for k, v in first.items() if k not in ("rows", "passed", "timings", "seed")}
+    return dict(merged, seeds=[r["seed"] for r in reports], rows=rows,
+                passed=all(r["passed"] for r in reports), timings=timings)  # fmt: skip
