@@ -4,12 +4,13 @@ and the full comparison against a PyTorch SLRNet checkout named by ``SLR_REFEREN
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slr_jax import parity
-from slr_jax.losses import code_consistency
+from slr_jax import convert, parity
+from slr_jax.losses import code_consistency, slrnet_objective
 
 
 def _codes_with_gaps(gaps, k=5, seed=0):
@@ -214,3 +215,60 @@ def test_float64_on_both_sides_agrees_to_1e_11_for_two_seeds(tmp_path):
     assert code == 0 and report["passed"] and report["seeds"] == [0, 1]
     judged = [r for r in report["rows"] if r["status"] != "info" and r["tol"] > 0]
     assert judged and all(r["tol"] == 1e-11 and r["rel"] <= 1e-11 for r in judged)
+
+
+def test_relu_kink_hook_reproduces_float64_gradient_from_float32():
+    """The kink proof's machinery (``parity.kinks``) on a small network: with every ReLU
+    switched as in the float64 run, our float32 gradient is within float32 rounding of the
+    float64 one; the hook counts the inputs whose own sign differs, and leaves ``nn.relu`` as
+    it was."""
+    import flax.linen as nn
+
+    from slr_jax.models import SLRNet, variable_shapes
+    from slr_jax.parity import kinks
+
+    model = SLRNet(variant="wsss", num_classes=5, width=0.0625, use_low_rank=False)
+    rng = np.random.default_rng(0)
+
+    def draw(s):  # He-scaled kernels, small biases/means, variances and scales near 1
+        fan_in = int(np.prod(s.shape[:-1])) if len(s.shape) > 1 else 0
+        scale = np.sqrt(2.0 / fan_in) if fan_in else 0.1
+        return (scale * rng.normal(size=s.shape)).astype(np.float32)
+
+    variables = jax.tree_util.tree_map(draw, variable_shapes(model))
+    variables["batch_stats"] = jax.tree_util.tree_map(
+        lambda a: np.abs(a) + 0.5, variables["batch_stats"]
+    )
+    image = rng.normal(size=(1, 33, 33, 3)).astype(np.float32)
+    batch = dict(image=image, raw_image=np.abs(image) / 4, labels=np.ones((1, 4), np.float32),
+                 mask=np.zeros((1, 33, 33), np.int32), is_labeled=np.zeros(1, bool))  # fmt: skip
+    loss_cfg = parity.loss_config("wsss", 5)
+    relu_before = nn.relu
+    signs = kinks.float64_relu_signs(model, variables, batch)
+    assert nn.relu is relu_before and len(signs) > 20 and all(s.dtype == bool for s in signs)
+    forced, flips, worst = kinks.forced_sign_gradients(
+        model, variables, batch, signs, loss_cfg, "wsss"
+    )
+    assert nn.relu is relu_before
+    assert flips >= 0 and (flips == 0 or worst < 1e-3)
+    # The same gradient in float64 (x64) with the network's own ReLUs.
+    with jax.enable_x64(True):
+        as64 = lambda t: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), t)
+        model64 = model.clone(dtype=jnp.float64)
+        batch64 = {k: jnp.asarray(v) for k, v in batch.items()}
+        batch64["image"] = jnp.asarray(image, jnp.float64)
+        batch64["raw_image"] = jnp.asarray(batch["raw_image"], jnp.float64)
+
+        def objective(params):
+            out = model64.apply({"params": params, "batch_stats": as64(variables["batch_stats"])},
+                                batch64["image"], mode="train", train=False)  # fmt: skip
+            _, terms, _ = slrnet_objective(out, batch64, loss_cfg=loss_cfg,
+                                                  variant="wsss", seg_weight=1.0)  # fmt: skip
+            return terms["total"] - 4.0 * terms["code_consistency"]
+
+        exact = jax.jit(jax.grad(objective))(as64(variables["params"]))
+    exact = convert.flax_to_torch({"params": exact})
+    worst_rel = max(
+        parity.compare(k, forced[k], v, 1e-4).rel for k, v in exact.items() if np.any(v)
+    )
+    assert worst_rel < 1e-4, worst_rel

@@ -20,6 +20,7 @@ from slr_jax.parity.grads import (
 )
 from slr_jax.parity.inputs import add_labels, make_inputs
 from slr_jax.parity.jax_side import _jax_train_fn, converted_model, loss_config
+from slr_jax.parity.kinks import float64_relu_signs, forced_sign_gradients
 from slr_jax.parity.reference import (
     _nchw,
     _nhwc,
@@ -102,8 +103,13 @@ def run(
     checks = [loss_rows[-1]]  # the tie-free code term
     if with_grads:
         grad_rows, (total_row, wo_row) = _grad_rows(grads, ref, ref_tie_free, timings)
-        f64_rows, exact_row = _float64_rows(net, setting, inputs, num_classes, grads, ref, timings)
-        if not wo_row.within_tol and exact_row.within_tol:
+        f64_rows, exact_row, grads64 = _float64_rows(
+            net, setting, inputs, num_classes, grads, ref, timings
+        )
+        if not exact_row.within_tol:
+            f64_rows.insert(1, _kink_row(model, variables, inputs, setting, num_classes,
+                                         ref, grads64, exact_row, timings))  # fmt: skip
+        if not wo_row.within_tol and exact_row.passed:
             wo_row.kind = ROUNDING_LIMITED
             wo_row.note += "; float32 rounding: JAX is as close to the float64 reference as PyTorch"
         rows += grad_rows + f64_rows
@@ -299,7 +305,29 @@ def _float64_rows(net, setting, inputs, num_classes, grads, ref: dict, timings: 
     frozen_row = Row("grad/frozen_leaves_norm (JAX, ignored by optimiser)",
                      _frozen_grad_norm(g_total), 0.0, np.inf,
                      "frozen parameters get zero updates in slr_jax.optim", INFO)  # fmt: skip
-    return [exact_row, floor_row, frozen_row], exact_row
+    return [exact_row, floor_row, frozen_row], exact_row, grads64
+
+
+def _kink_row(model, variables, inputs, setting, num_classes, ref, grads64, exact_row, timings):
+    """Whether ReLU kinks explain ``exact_row``'s excess (module ``kinks``): our float32
+    gradient with float64's ReLU signs against the float64 reference. When it passes,
+    ``exact_row`` becomes rounding-limited."""
+    t0 = time.time()
+    signs = float64_relu_signs(model, variables, inputs)
+    forced, flips, worst = forced_sign_gradients(
+        model, variables, inputs, signs, loss_config(setting, num_classes), setting
+    )
+    timings["jax_relu_kink_check_s"] = time.time() - t0
+    c = f"{C_CODE:g}*code_consistency"
+    row = _worst_leaf(f"grad/total-{c} with float64's ReLU signs vs PyTorch float64", forced,
+                      grads64, rounding_tolerances(ref["grads_wo_code"], grads64))  # fmt: skip
+    total = sum(int(s.size) for s in signs)
+    add_note(row, f"{flips} of {total} ReLU inputs of JAX float32 on the other side of zero "
+                  f"than in float64, all within {worst:.1e} of it")  # fmt: skip
+    if row.within_tol:
+        exact_row.kind = ROUNDING_LIMITED
+        add_note(exact_row, "ReLU kinks: with float64's ReLU signs it passes (next row)")
+    return row
 
 
 def _explain_ties(limited: list[Row], checks: list[Row], n_ties: int) -> None:
