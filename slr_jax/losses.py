@@ -214,7 +214,9 @@ def slrnet_objective(
     Returns:
       ``(total, terms, visuals)``: the scalar loss; every term (``cls``, ``seg``,
       ``mask_consistency``, ``code_consistency``, ``seg_labeled``, ``total``) as scalars; and
-      ``cam``, ``refined``, ``pseudo`` (B, H, W, C).
+      ``cam``, ``refined``, ``pseudo`` (B, H, W, C) with ``seg_per_image`` (B,): the seg loss
+      of each image (both views plus the weighted aux head), as the reference's trainers see
+      it before their mean.
     """
     _check_variant(variant)
     out_dtype = outputs["masks"].dtype  # float32, or float64 for a float64 model
@@ -254,6 +256,7 @@ def slrnet_objective(
         cls_term = jnp.mean(cls_per_image)
 
     seg_term = jnp.mean(seg_per_image)
+    visuals["seg_per_image"] = seg_per_image
     total = (
         c_cls * cls_term + c_mask * mask_term + c_code * code_term + c_seg * seg_weight * seg_term
     )

@@ -175,7 +175,7 @@ def torch_objective(out, batch, cfg, variant, seg_weight, pseudo=None):
         terms["seg_labeled"] = seg[is_labeled].mean()  # the reference's trainer: NaN if none
         total = total + c_seg * terms["seg_labeled"]
     terms["total"] = total
-    return terms, {"cam": cam, "refined": refined, "pseudo": computed}
+    return terms, {"cam": cam, "refined": refined, "pseudo": computed, "seg_per_image": seg}
 
 
 # ------------------------------------------------------------------------- pseudo labels
@@ -607,9 +607,11 @@ def test_objective_matches_torch_and_weighted_sum(tiny_outputs, objectives, vari
         assert np.all(gap[differ] < 1e-5), f"{variant}: {differ.sum()} pseudo labels differ"
     else:
         assert not differ.any(), f"{variant}: {differ.sum()} pseudo labels differ"
-    ref_terms, _ = torch_objective(out_t, batch, cfg, variant, 1.0, pseudo=nchw(ours_pseudo))
+    ref_terms, ref_vis = torch_objective(out_t, batch, cfg, variant, 1.0, pseudo=nchw(ours_pseudo))
     for name, ref in ref_terms.items():
         assert_close(terms[name], ref.item(), 1e-5, f"{variant}: term {name}", atol=1e-7)
+    assert_close(visuals["seg_per_image"], ref_vis["seg_per_image"].numpy(), 1e-5,
+                 f"{variant}: seg loss per image", atol=1e-7)  # fmt: skip
 
 
 def test_objective_rejects_unknown_variant_and_bad_class_weights(tiny_outputs):
