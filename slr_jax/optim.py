@@ -101,6 +101,17 @@ def param_group_labels(params: Any) -> Any:
     )
 
 
+def without_frozen_gradients(params: Any) -> Any:
+    """``params`` with every frozen leaf behind ``jax.lax.stop_gradient``: differentiating a
+    loss of the result gives exact zeros there without computing them (no weight-gradient
+    convolutions for the frozen stem, no gradient buffers), the rest unchanged."""
+    return jax.tree_util.tree_map(
+        lambda p, label: jax.lax.stop_gradient(p) if label == FROZEN else p,
+        params,
+        param_group_labels(params),
+    )
+
+
 def learning_rate_schedule(
     base_lr: float,
     pretrain_steps: int,

@@ -156,12 +156,15 @@ def train_step(
     """One SGD step on a global batch (see ``docs/design.md`` for the batch layout).
 
     Returns the new state and scalar metrics: every loss term, ``lr``, ``seg_weight``,
-    ``nonfinite`` (1 when the update was skipped) and ``grad_norm``.
+    ``nonfinite`` (1 when the update was skipped) and ``grad_norm`` (of the trainable leaves).
     """
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     seg_weight = (state.step >= pretrain_steps).astype(jnp.float32)
 
     def loss_fn(params):
+        # Frozen leaves (stem, backbone BatchNorms: ``optim``) enter as constants: their weight
+        # gradients are never computed nor held (they would be discarded by the optimiser).
+        params = optim.without_frozen_gradients(params)
         variables = {"params": params, "batch_stats": state.batch_stats}
         outputs, updates = state.apply_fn(
             variables,

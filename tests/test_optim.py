@@ -301,6 +301,33 @@ def test_frozen_leaves_get_zero_updates_and_no_state():
     assert len(buffers) == sum(v != "frozen" for v in labels.values())
 
 
+def test_frozen_leaves_are_constants_of_the_gradient():
+    """``without_frozen_gradients``: zero gradients at frozen leaves, the same gradient at the
+    others, and no weight-gradient convolution for frozen kernels in the compiled program."""
+    params = _fake_params(np.random.default_rng(4))
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(1, 8, 8, 3)), jnp.float32)
+
+    def loss(p):
+        y = jax.lax.conv_general_dilated(
+            x, p["backbone"]["conv1a"]["kernel"], (1, 1), "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )  # fmt: skip
+        y = jax.lax.conv_general_dilated(
+            y, p["backbone"]["b3"]["conv_branch2a"]["kernel"], (1, 1), "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )  # fmt: skip
+        return jnp.sum(y**2) + sum(jnp.sum(v) for v in jax.tree_util.tree_leaves(p))
+
+    plain = jax.grad(loss)(params)
+    frozen_out = jax.grad(lambda p: loss(optim.without_frozen_gradients(p)))(params)
+    labels = _flat(optim.param_group_labels(params))
+    for k, g in _flat(frozen_out).items():
+        expected = np.zeros_like(g) if labels[k] == "frozen" else _flat(plain)[k]
+        np.testing.assert_allclose(np.asarray(g), expected, rtol=1e-6, err_msg=str(k))
+    count = lambda f: jax.jit(jax.grad(f)).lower(params).as_text().count("convolution(")
+    assert count(lambda p: loss(optim.without_frozen_gradients(p))) < count(loss)
+
+
 def test_bad_inputs_raise_clear_errors():
     params = _fake_params(np.random.default_rng(4))
     with pytest.raises(ValueError, match=r"pass variables\['params'\]"):
