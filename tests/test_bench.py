@@ -90,6 +90,10 @@ def test_tiny_run_reports_every_figure(tiny_report):
         assert entry["bytes"] is None or entry["bytes"] >= 0, entry
         assert entry["kind"]
     assert r["memory"]["process_peak_rss_bytes"] > 0
+    # On CPU the train step's memory comes from a process of its own (comparable figures).
+    own = r["memory"]["slr_jax_train"]
+    assert own["kind"] == bench.process_memory.PROCESS_KIND and own["bytes"] > 0, own
+    assert own["baseline_bytes"] > own["bytes"] / 100
     assert r["device"]["jax_backend"] == "cpu" and r["device"]["num_devices"] >= 1
     assert r["versions"]["jax"] == jax.__version__
     assert r["overrides"]["model.width"] == "0.0625"

@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="XLA compiler option for the train step (repeatable), e.g. "
         "xla_backend_optimization_level=0 for a quick compile",
     )
+    parser.add_argument(
+        "--memory", default="process", choices=("process", "inline"),
+        help="CPU memory of the train step: 'process' runs each side again alone in its own "
+        "process (peak RSS above its RSS after construction; comparable between the sides); "
+        "'inline' samples RSS around the timed calls of this process (faster, not comparable)",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the report here")
     return parser
@@ -82,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for per-process measurements
     try:
         overrides = _split_overrides(extra)
         report = run(args, overrides)

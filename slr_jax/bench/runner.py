@@ -16,6 +16,7 @@ from slr_jax.bench.configfile import BenchError, load_config
 from slr_jax.bench.inputs import make_inputs, make_photo
 from slr_jax.bench.jax_side import JaxSide
 from slr_jax.bench.memory import RssSampler, _device_peak_bytes, _memory_entry
+from slr_jax.bench.process_memory import in_own_process
 from slr_jax.bench.reference_side import ReferenceSide
 from slr_jax.bench.report import (
     _versions,
@@ -191,6 +192,10 @@ def _time_training(sides: dict, config, args, device, crop: int, batch: int):
         if torch_cuda:
             ref.torch.cuda.reset_peak_memory_stats()
         memory["reference_train"] = _memory_entry(samplers["reference"], peak, TORCH_PEAK_KIND)
+    if on_cpu and args.memory == "process":
+        for name in sides:
+            print(f"train step memory: {name} alone in its own process", flush=True)
+            memory[f"{name}_train"] = in_own_process(args.argv, name)
     return train_times, memory
 
 

@@ -1,0 +1,67 @@
+"""Peak memory of one side's training step, each side in a process of its own (CPU).
+
+In one process the two sides cannot be compared by RSS: PyTorch's allocator keeps the memory
+of its first step, so "peak during a call minus RSS before it" reads ~0 for the reference
+after the warm-up, and whatever one side freed the other reuses. Here each side runs alone in a
+fresh interpreter: its RSS is read after the imports and the model (and optimiser state) are
+built, then sampled through the warm-up and timed steps (JAX's compilation included, as a
+user's first step has it); the figure is the peak above that baseline.
+
+    python -m slr_jax.bench.process_memory --side slr_jax|reference <the bench's flags>
+
+prints one JSON line; ``in_own_process`` runs it for the benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+PROCESS_KIND = "process peak RSS above its RSS after imports and construction (own process)"
+
+
+def measure_side(argv: list[str]) -> dict:
+    """Builds one side (``--side``) from the bench's flags and measures its training steps."""
+    from slr_jax.bench.cli import _split_overrides, build_parser
+    from slr_jax.bench.inputs import make_inputs
+    from slr_jax.bench.memory import RssSampler, _current_rss
+    from slr_jax.bench.runner import _configure, _xla_settings
+
+    parser = build_parser()
+    parser.add_argument("--side", required=True, choices=("slr_jax", "reference"))
+    args, extra = parser.parse_known_args(argv)
+    config, (crop, batch, _) = _configure(args, _split_overrides(extra))
+    compiler_options = _xla_settings(args)
+    inputs = make_inputs(batch, crop, int(config.model.num_classes), args.seed)
+    if args.side == "slr_jax":
+        from slr_jax.bench.jax_side import JaxSide
+
+        side = JaxSide(config, inputs, args.seed, compiler_options)
+    else:
+        from slr_jax.bench.reference_side import ReferenceSide
+
+        side = ReferenceSide(args.reference_repo, config, inputs, args.seed,
+                             args.torch_threads, args.reference_detect_anomaly)  # fmt: skip
+    baseline = _current_rss()
+    sampler = RssSampler()
+    with sampler.measure():
+        for _ in range(args.warmup + args.steps):
+            side.step()
+        side.finish_training()
+    return {"bytes": sampler.peak_delta, "baseline_bytes": baseline, "kind": PROCESS_KIND}
+
+
+def in_own_process(argv: list[str], side: str) -> dict:
+    """``measure_side`` for ``side`` in a fresh interpreter (the bench's own ``argv``)."""
+    cmd = [sys.executable, "-m", "slr_jax.bench.process_memory", "--side", side, *argv]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        return {"bytes": None, "kind": f"unavailable: the {side} process failed: {tail}"}
+    return json.loads(lines[-1])
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure_side(sys.argv[1:])))
