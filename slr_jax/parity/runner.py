@@ -99,8 +99,8 @@ def run(
     rows += train_rows
     loss_rows, ref_tie_free, n_ties = _loss_rows(aux, ref, max_onehot, tie_eps, max_code_diff)
     rows += loss_rows
-    limited = [next(r for r in rows if r.name == "loss/code_consistency")]
-    checks = [loss_rows[-1]]  # the tie-free code term
+    limited = [r for r in rows if r.name in ("loss/code_consistency", "loss/total")]
+    checks = loss_rows[-2:]  # the total without the code term, the tie-free code term
     if with_grads:
         grad_rows, (total_row, wo_row) = _grad_rows(grads, ref, ref_tie_free, timings)
         f64_rows, exact_row, grads64 = _float64_rows(
@@ -111,7 +111,9 @@ def run(
                                          ref, grads64, exact_row, timings))  # fmt: skip
         if not wo_row.within_tol and exact_row.passed:
             wo_row.kind = ROUNDING_LIMITED
-            wo_row.note += "; float32 rounding: JAX is as close to the float64 reference as PyTorch"
+            add_note(wo_row, "float32 rounding: JAX is as close to the float64 reference as "
+                     "PyTorch" if exact_row.within_tol else "float32 rounding across ReLU "
+                     "kinks (see the float64 rows)")  # fmt: skip
         rows += grad_rows + f64_rows
         limited.append(total_row)
         checks += [wo_row, exact_row]
@@ -228,7 +230,8 @@ def _training_rows(aux: dict, ref: dict) -> list[Row]:
 
 
 def _loss_rows(aux: dict, ref: dict, max_onehot, tie_eps: float, max_code_diff: float):
-    """Every loss term, then the code term without near ties (last):
+    """Every loss term, the total without the code term, then the code term without near
+    ties (last):
     ``(rows, the reference's tie-free term, number of tie pixels)``. ``max_code_diff``: the
     largest codes difference of the two frameworks (for the note)."""
     terms, ref_terms = aux["terms"], ref["terms"]
@@ -243,6 +246,9 @@ def _loss_rows(aux: dict, ref: dict, max_onehot, tie_eps: float, max_code_diff: 
         max_onehot, ref["codes"], ref["codes2"], np.ones_like(keep)
     )
     hook_gap = abs(float(hooked.detach()) - float(ref_terms["code_consistency"].detach()))
+    without_code = lambda t: t["total"] - C_CODE * t["code_consistency"]
+    out.append(compare(f"loss/total-{C_CODE:g}*code_consistency", without_code(terms),
+                       without_code(ref_terms).detach().numpy(), LOSS_TOL))  # fmt: skip
     own = [int(np.sum(t)) for t in aux["own_ties"]]
     theirs = [int(np.sum(t)) for t in ref["ties"]]
     n_ties = int(np.sum(ties))
