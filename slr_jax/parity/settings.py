@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+from configs.common import VOC_TEST_SCALES
+from slr_jax import constants
+
+IMAGENET_MEAN = np.asarray(constants.IMAGENET_MEAN, np.float32)
+IMAGENET_STD = np.asarray(constants.IMAGENET_STD, np.float32)
 OUTPUT_TOL = 1e-5
 LOSS_TOL = 1e-5
 GRAD_TOL = 1e-4
 TIE_EPS = 1e-6
-DEFAULT_SCALES = (1.0, 1.5, 2.0, 0.5, 0.75)  # configs/common.py VOC_TEST_SCALES
+DEFAULT_SCALES = VOC_TEST_SCALES  # the reference's inference scales
 LOSS_COEFF = (1.0, 4.0, 4.0, 1.0)
 CLASSIFIER_SCALE = 4.0
 CLASSIFIER_BIAS = -2.0
