@@ -144,6 +144,12 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves))
 
 
+def dropout_key(state: TrainState) -> jax.Array:
+    """The ``'dropout'`` key of the step ``state`` is about to take: the base key folded with
+    the step. A forward with it reports that step's masks (``slr_jax.models.noise``)."""
+    return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+
 def train_step(
     state: TrainState,
     batch: Batch,
@@ -158,7 +164,7 @@ def train_step(
     Returns the new state and scalar metrics: every loss term, ``lr``, ``seg_weight``,
     ``nonfinite`` (1 when the update was skipped) and ``grad_norm`` (of the trainable leaves).
     """
-    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    step_key = dropout_key(state)
     seg_weight = (state.step >= pretrain_steps).astype(jnp.float32)
 
     def loss_fn(params):

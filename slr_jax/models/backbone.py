@@ -11,7 +11,7 @@ normalises with batch statistics in training (running averages updated) and
 (each block starts as its shortcut; without it the backbone at width 1/8 does not learn the
 demo's image labels from scratch).
 ``b6``/``b7`` apply channel dropout (PyTorch ``Dropout2d``) in training, from the
-``'dropout'`` RNG stream.
+``'dropout'`` RNG stream (masks reported as in ``slr_jax.models.noise``).
 
 Module names equal the reference's PyTorch attribute names, so converted state-dict keys map
 one to one (``docs/design.md``).
@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from slr_jax.models.layers import BatchNorm, conv
+from slr_jax.models.noise import Dropout
 
 # (name, block kind, in, mid, out, stride, first_dilation, dilation, dropout); channels at width 1.
 RESNET38_BLOCKS = (
@@ -128,7 +129,7 @@ class BottleneckBlock(nn.Module):
         """Returns ``(output, relu(bn_branch2a(x)))``."""
         bn = lambda name: backbone_batch_norm(self.dtype, name, self.batch_norm_stats, train)
         # Dropout2d zeroes whole channels: one draw per (example, channel).
-        channel_dropout = nn.Dropout(self.dropout, broadcast_dims=(1, 2), deterministic=not train)
+        channel_dropout = Dropout(self.dropout, broadcast_dims=(1, 2), deterministic=not train)
         pre = nn.relu(bn("bn_branch2a")(x))
         shortcut = conv(self.out_channels, 1, dtype=self.dtype, name="conv_branch1")(pre)
         y = conv(max(1, self.out_channels // 4), 1, dtype=self.dtype, name="conv_branch2a")(pre)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from slr_jax.models.backbone import scale_channels
 from slr_jax.models.layers import BatchNorm, conv
+from slr_jax.models.noise import Dropout, keep_probability
 
 # The reference's head BatchNorm momentum (PyTorch convention: weight of the batch statistic).
 HEAD_BN_MOMENTUM = 0.05
@@ -95,7 +96,7 @@ class ASPP(nn.Module):
         y = jnp.concatenate(branches, axis=-1)
         y = conv(c, 1, dtype=self.dtype, name="conv1")(y)
         y = nn.relu(head_batch_norm(train, self.dtype, "bn1", frozen_stats=True)(y))
-        return nn.Dropout(0.5, deterministic=not train)(y)
+        return Dropout(0.5, deterministic=not train)(y)
 
 
 class _GlobalPool(nn.Module):
@@ -138,19 +139,27 @@ class GCI(nn.Module):
 
 def stochastic_gate(
     deep: jax.Array, shallow: jax.Array, *, train: bool, rng: jax.Array | None,
-    alpha: float = GATE_ALPHA,
+    alpha: float = GATE_ALPHA, keep: jax.Array | None = None,
 ) -> jax.Array:  # fmt: skip
     """Mixes deep and shallow features (same shape).
 
     Evaluation: ``(1 - alpha) * deep + alpha * shallow``. Training: per element, keep the
     rescaled deep feature ``(deep - alpha*shallow)/(1 - alpha)`` with probability 1 - alpha,
-    else the shallow one, so the expectation equals the evaluation mix.
+    else the shallow one, so the expectation equals the evaluation mix. ``keep``: the training
+    mask (bool, ``deep``'s shape) if already drawn, else it is drawn from ``rng``.
     """
     if not train:
         return (1 - alpha) * deep + alpha * shallow
-    keep = jax.random.bernoulli(rng, 1.0 - alpha, deep.shape).astype(deep.dtype)
+    if keep is None:
+        keep = gate_keep_mask(rng, deep.shape, alpha)
+    keep = keep.astype(deep.dtype)
     rescaled = (deep - alpha * shallow) / max(1e-8, 1 - alpha)
     return keep * rescaled + (1 - keep) * shallow
+
+
+def gate_keep_mask(rng: jax.Array, shape: tuple[int, ...], alpha: float = GATE_ALPHA) -> jax.Array:
+    """The stochastic gate's training mask: True (keep the deep feature) w.p. 1 - alpha."""
+    return jax.random.bernoulli(rng, keep_probability(alpha), shape)
 
 
 class LastConv(nn.Module):
@@ -168,10 +177,10 @@ class LastConv(nn.Module):
         c = scale_channels(256, self.width)
         x = conv(c, 3, dtype=self.dtype, name="0")(x)
         x = nn.relu(head_batch_norm(train, self.dtype, "1")(x))
-        x = nn.Dropout(0.5, deterministic=not train)(x)
+        x = Dropout(0.5, deterministic=not train)(x)
         x = conv(c, 3, dtype=self.dtype, name="4")(x)
         x = nn.relu(head_batch_norm(train, self.dtype, "5")(x))
-        x = nn.Dropout(0.1, deterministic=not train)(x)
+        x = Dropout(0.1, deterministic=not train)(x)
         return conv(self.out_channels, 1, use_bias=True, dtype=self.dtype, name="8")(x)
 
 
@@ -187,7 +196,7 @@ class AuxHead(nn.Module):
         c = scale_channels(256, self.width)
         x = conv(c, 3, dtype=self.dtype, name="0")(x)
         x = nn.relu(head_batch_norm(train, self.dtype, "1")(x))
-        x = nn.Dropout(0.5, deterministic=not train)(x)
+        x = Dropout(0.5, deterministic=not train)(x)
         return conv(self.out_channels, 1, use_bias=True, dtype=self.dtype, name="4")(x)
 
 

@@ -12,6 +12,7 @@ One module covers the reference's variants (``variant``):
 Call ``model.apply(variables, images, mode=..., train=..., rngs={'dropout': key},
 mutable=['batch_stats'] if train else False)``; ``images`` (B, H, W, 3) ImageNet-normalised.
 ``train=False`` is PyTorch ``eval()``: no dropout, deterministic gate, running statistics.
+With ``'noise'`` also mutable, training reports its dropout and gate masks (``models/noise.py``).
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ from slr_jax.models.heads import (
     AuxHead,
     ConvBNReLU,
     LastConv,
+    gate_keep_mask,
     mask_pooled_scores,
     stochastic_gate,
     with_background,
 )
 from slr_jax.models.layers import compute_dtype
 from slr_jax.models.lowrank import FactorizationReconstruction, initial_dictionary
+from slr_jax.models.noise import NOISE
 from slr_jax.ops import resize_bilinear_align_corners, scaled_size
 
 MODES = ("test", "test_two_view", "train")
@@ -127,8 +130,11 @@ class SLRNet(nn.Module):
     ) -> tuple[jax.Array, jax.Array]:
         """GCI + stochastic gate + main head -> (logits, softmax masks), both (B, h, w, C)."""
         injected = self.shallow_mask(shallow, x, train)
-        rng = self.make_rng("dropout") if train else None
-        x = stochastic_gate(x, injected, train=train, rng=rng)
+        keep = None
+        if train:  # drawn here so that it can be reported (models/noise.py)
+            keep = gate_keep_mask(self.make_rng("dropout"), x.shape)
+            self.sow(NOISE, "gate", keep)
+        x = stochastic_gate(x, injected, train=train, rng=None, keep=keep)
         logits = self.last_conv(x, train)
         logits = with_background(logits, "none" if self.predicts_background else "constant")
         logits = logits.astype(self.out_dtype)
