@@ -1,7 +1,7 @@
 """Trajectory parity: the same short training run in slr_jax and in the PyTorch reference.
 
 ``python -m slr_jax.trajectory --reference-repo PATH [--setting wsss|semi] [--steps 10]
-[--steps-per-epoch 1] [--crop 97] [--batch 2] [--seed 0] [--width 0.25] [--json FILE]``
+[--steps-per-epoch 1] [--crop 81] [--batch 2] [--seed 0] [--width 0.25] [--json FILE]``
 
 Both frameworks start from the same weights (the reference's ``Net`` with random weights as in
 ``slr_jax.parity``, converted with ``slr_jax.convert``), see the same fixed NumPy batches
@@ -60,13 +60,13 @@ from slr_jax import train as train_lib
 from slr_jax.models import build_model, variable_shapes
 from slr_jax.models.backbone import scale_channels
 from slr_jax.models.noise import NOISE
-from slr_jax.parity import Row, compare
+from slr_jax.parity import ROUNDING_LIMITED, Row, compare
 
 NUM_CLASSES = 21
 LOSS_TOL = 1e-5
 CHANGE_TOL = 1e-4
 LR_TOL = 1e-6  # the float32 schedule against PyTorch's float64 lr
-TOL64 = 1e-9  # slr_jax float64 against the float64 reference
+TOL64 = 1e-10  # slr_jax float64 against the float64 reference (measured <= 1e-12)
 ROUNDING_FACTOR = 2.0  # as parity.rounding_tolerances
 TERMS = ("cls", "seg", "mask_consistency", "code_consistency", "seg_labeled", "total")
 # setting -> (slr_jax config module, the reference's experiment YAML)
@@ -505,9 +505,9 @@ def state_rows(
 # ------------------------------------------------------------------------------ the run
 def jax_float64_available() -> bool:
     """Whether slr_jax's model offers ``model.dtype='float64'``."""
-    from slr_jax.models import slrnet
+    from slr_jax import constants
 
-    return "float64" in getattr(slrnet, "DTYPES", {})
+    return "float64" in getattr(constants, "COMPUTE_DTYPES", ())
 
 
 def _build(repo: str, setting: str, seed: int, width: float, config):
@@ -526,7 +526,9 @@ def _run_jax64(setting, width, batch, variables, batches, steps_per_epoch, seed,
     those of the float32 run."""
     config = jax_config(setting, width, "float64", batch)
     with jax.enable_x64(True):
-        variables = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), variables)
+        as64 = lambda x: np.asarray(x, np.float64) if np.issubdtype(x.dtype, np.floating) else x
+        variables = jax.tree_util.tree_map(as64, variables)
+        batches = [{k: as64(v) for k, v in batch.items()} for batch in batches]  # exact
         run = run_jax(config, variables, batches, steps_per_epoch, seed)
     same = all(
         np.array_equal(a, b)
@@ -540,7 +542,7 @@ def _run_jax64(setting, width, batch, variables, batches, steps_per_epoch, seed,
 def trajectory_rows(
     reference_repo: str,
     setting: str,
-    crop: int = 97,
+    crop: int = 81,
     batch: int = 2,
     steps: int = 10,
     seed: int = 0,
@@ -590,17 +592,32 @@ def trajectory_rows(
         )
         timings["jax_float64_s"] = time.perf_counter() - clock
         label = "slr_jax float64 vs PyTorch float64"
-        rows += loss_rows(jax64["metrics"], ref32["metrics"], ref64["metrics"], label, False)
-        rows += state_rows(
+        rows64 = loss_rows(jax64["metrics"], ref32["metrics"], ref64["metrics"], label, False)
+        rows64 += state_rows(
             variables, jax64["variables"], ref32["state"], ref64["state"], label, False
         )
+        explain_float32(rows, rows64)
+        rows += rows64
     return rows
+
+
+def explain_float32(rows32: list[Row], rows64: list[Row]) -> None:
+    """Marks float32 rows over their tolerance as ``rounding-limited`` when every float64 row
+    passes: both float64 runs then compute the same trajectory, and the float32 excess is
+    rounding carried through a discrete choice (an arg-max or a pseudo-label threshold that
+    slr_jax's float32 run decides otherwise), which the float32 reference happened not to meet."""
+    if not rows64 or not all(r.passed for r in rows64):
+        return
+    for row in rows32:
+        if "vs PyTorch float64" in row.name and not row.within_tol:
+            row.kind = ROUNDING_LIMITED
+            row.note += "; float32 rounding (the float64 runs agree, rows below)"
 
 
 def run(
     reference_repo: str,
     setting: str,
-    crop: int = 97,
+    crop: int = 81,
     batch: int = 2,
     steps: int = 10,
     seed: int = 0,
@@ -634,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--setting", default="wsss", choices=sorted(SETTINGS))
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--steps-per-epoch", type=int, default=1)
-    parser.add_argument("--crop", type=int, default=97)
+    parser.add_argument("--crop", type=int, default=81)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--width", type=float, default=0.25, help="channel multiplier")
