@@ -184,6 +184,7 @@ def test_train_step_follows_the_reference_optimizer_and_schedule():
     config = common.get_config()
     config.train.update(batch_size=BATCH, num_epochs=6, pretrain_epochs=1, lr=0.02,
                         weight_decay=0.01)  # fmt: skip
+    config.loss.update(pamr_iters=1, pamr_dilations=(1, 2))  # cheaper to compile
     plan = train_lib.plan_steps(config.train, BATCH)
     assert (plan.steps_per_epoch, plan.pretrain_steps, plan.decay_steps) == (1, 2, 5)
     lr_fn = plan.learning_rate_fn(config.train.lr)
