@@ -1,4 +1,4 @@
-"""Trajectory parity (slr_jax.trajectory) and the pieces it rests on.
+"""Trajectory parity (slr_jax.parity.trajectory) and the pieces it rests on.
 
 Without a reference checkout: ``train.train_step`` over several steps against PyTorch's own
 ``SGD``/``CosineAnnealingLR`` set up by the reference trainers' rules (parameter groups from
@@ -16,12 +16,13 @@ import numpy as np
 import pytest
 
 from configs import common
-from slr_jax import convert, trajectory
+from slr_jax import convert
 from slr_jax import train as train_lib
 from slr_jax.losses import slrnet_objective
 from slr_jax.models.heads import head_batch_norm, mask_pooled_scores, with_background
 from slr_jax.models.noise import NOISE, Dropout
 from slr_jax.ops import resize_bilinear_align_corners
+from slr_jax.parity import trajectory
 
 torch = pytest.importorskip("torch")
 

@@ -14,7 +14,7 @@ unless the caller makes the collection mutable, so training is unchanged by it::
 The draws depend only on the key, the module path and the shapes (not on ``jax_enable_x64``
 or the model's dtype), so a forward with the key a
 train step uses (``jax.random.fold_in(rng, step)``) reports exactly the masks of that step.
-``slr_jax.trajectory`` feeds them to the PyTorch reference, whose own draws it replaces.
+``slr_jax.parity.trajectory`` feeds them to the PyTorch reference, whose own draws it replaces.
 """
 
 from __future__ import annotations

@@ -42,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--scales", default=",".join(f"{x:g}" for x in DEFAULT_SCALES),
         help="scales of the multi-scale inference rows, comma-separated ('' to skip them)",
     )  # fmt: skip
+    parser.add_argument(
+        "--steps", type=int, default=0,
+        help="also run N optimiser steps of the same training in both frameworks (rows "
+        "'traj/...', module trajectory; at --traj-width and --traj-crop)",
+    )  # fmt: skip
+    parser.add_argument("--traj-width", type=float, default=0.25, help="trajectory width")
+    parser.add_argument("--traj-crop", type=int, default=81, help="trajectory crop")
     parser.add_argument("--json", help="also write the report as JSON here")
     return parser
 
@@ -68,18 +75,29 @@ def _parse_seeds(parser: argparse.ArgumentParser, text: str) -> tuple[int, ...]:
 
 def _run_one(args, seed: int, scales: tuple[float, ...]) -> dict:
     if args.dtype == "float64":
-        return run_float64(
+        report = run_float64(
             args.reference_repo, args.setting, args.crop, args.batch, seed, not args.no_grads
         )
-    return run(
-        args.reference_repo, args.setting, args.crop, args.batch, seed,
-        not args.no_grads, args.tie_eps, args.dtype, scales,
-    )  # fmt: skip
+    else:
+        report = run(
+            args.reference_repo, args.setting, args.crop, args.batch, seed,
+            not args.no_grads, args.tie_eps, args.dtype, scales,
+        )  # fmt: skip
+    if args.steps:
+        from slr_jax.parity import trajectory  # imports this package: loaded on demand
+
+        traj = trajectory.run(args.reference_repo, args.setting, args.traj_crop,
+                              max(2, args.batch), args.steps, seed, args.traj_width)  # fmt: skip
+        report = dict(report, rows=report["rows"] + traj["rows"],
+                      passed=report["passed"] and traj["passed"])  # fmt: skip
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.steps < 0:
+        parser.error(f"--steps must be >= 0, got {args.steps}")
     if args.crop < 33 or args.batch < 1:
         parser.error(f"need --crop >= 33 and --batch >= 1, got {args.crop} and {args.batch}")
     scales = _parse_scales(parser, args.scales)

@@ -1,6 +1,6 @@
 """Trajectory parity: the same short training run in slr_jax and in the PyTorch reference.
 
-``python -m slr_jax.trajectory --reference-repo PATH [--setting wsss|semi] [--steps 10]
+``python -m slr_jax.parity.trajectory --reference-repo PATH [--setting wsss|semi] [--steps 10]
 [--steps-per-epoch 1] [--crop 81] [--batch 2] [--seed 0] [--width 0.25] [--json FILE]``
 
 Both frameworks start from the same weights (the reference's ``Net`` with random weights as in
@@ -646,7 +646,7 @@ def run(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m slr_jax.trajectory", description=__doc__.split("\n\n")[0]
+        prog="python -m slr_jax.parity.trajectory", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument(
         "--reference-repo", required=True, help="checkout of github.com/DesertsP/SLRNet"
