@@ -18,6 +18,7 @@ VOC_TEST_SCALES = (1.0, 1.5, 2.0, 0.5, 0.75)
 def _model() -> ml_collections.ConfigDict:
     """Network architecture and numerics."""
     model = ml_collections.ConfigDict()
+    model.arch = "slrnet"  # slrnet | deeplab (the stage-2 DeepLabV3+, slr_jax/models/deeplab.py)
     model.variant = "wsss"  # wsss | semi | semi_wo_cls | coco
     model.num_classes = 21  # background included
     model.width = 1.0  # channel multiplier; 1.0 is the reference WideResNet38
@@ -27,12 +28,21 @@ def _model() -> ml_collections.ConfigDict:
     model.scale_factor = 0.5  # size of the second view
     model.dtype = "float32"  # or bfloat16 (parameters stay float32)
     model.remat = False  # rematerialise backbone blocks to save memory
+    # deeplab only: ResNet depth, output stride, backbone BatchNorm mode and head dropouts.
+    model.depth = 101  # 50 | 101
+    model.output_stride = 16  # 16 | 8
+    model.train_backbone_norm = True  # False: backbone BatchNorms keep running statistics
+    model.aspp_dropout = 0.5
+    model.decoder_dropout = (0.5, 0.1)
     return model
 
 
 def _loss() -> ml_collections.ConfigDict:
     """Loss coefficients, PAMR and pseudo-label thresholds."""
     loss = ml_collections.ConfigDict()
+    # slrnet: SLRNet's objective (slr_jax/losses.py); supervised: cross-entropy on the pixel
+    # labels (255 ignored) + aux_weight x that of an aux head, if the model has one.
+    loss.objective = "slrnet"
     loss.loss_coeff = (1.0, 4.0, 4.0, 1.0)  # cls, mask consistency, code consistency, seg
     loss.aux_weight = 0.4
     loss.pamr_iters = 10
@@ -58,6 +68,13 @@ def _dataset() -> ml_collections.ConfigDict:
     dataset.val_split = "val"
     dataset.labeled_split = ""  # semi settings: the pixel-labelled list ('train')
     dataset.oversample_rate = 1
+    # > 0: only the first num_labeled ids of labeled_split (of train_split when labeled_split
+    # is '') are pixel-labelled.
+    dataset.num_labeled = 0
+    dataset.labeled_only = False  # train on the pixel-labelled examples only (a supervised run)
+    # A folder of <id>.png label maps (e.g. exported pseudo labels) that replace the training
+    # split's masks ('' = the dataset's own); every training id needs one of its image's size.
+    dataset.pseudo_label_dir = ""
     dataset.crop_size = 321
     dataset.scale_range = (0.9, 1.0)
     dataset.ratio_range = (3.0 / 4.0, 4.0 / 3.0)
@@ -152,6 +169,21 @@ def _test() -> ml_collections.ConfigDict:
     return test
 
 
+def _stage1() -> ml_collections.ConfigDict:
+    """Two-stage training: the first stage whose exported predictions are the pseudo labels.
+
+    With ``config`` set, a training run whose pseudo labels (``dataset.pseudo_label_dir``, or
+    ``WORKDIR_1/pseudo_labels/crf`` (``pred`` without CRF) when that is '') are missing first
+    trains ``config`` in ``workdir`` (resuming it; a finished one is reused), then exports its
+    predictions on the training split there (slr_jax/stage2.py).
+    """
+    stage1 = ml_collections.ConfigDict()
+    stage1.config = ""  # first-stage config file (e.g. configs/demo.py); '' = no first stage
+    stage1.workdir = ""  # its workdir ('' = WORKDIR/stage1)
+    stage1.use_image_labels = True  # export with class presence from the image labels
+    return stage1
+
+
 def get_config() -> ml_collections.ConfigDict:
     """Every default of every key; each setting's file changes only what differs."""
     config = ml_collections.ConfigDict()
@@ -167,6 +199,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.pretrain = _pretrain()
     config.checkpoint = _checkpoint()
     config.test = _test()
+    config.stage1 = _stage1()
     return config
 
 

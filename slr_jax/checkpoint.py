@@ -35,6 +35,7 @@ CONFIG_FILE = "config.json"  # a training workdir's config
 IMAGENET_BACKBONE = "imagenet_backbone"
 IMAGE_LABEL_BACKBONE = "image_label_backbone"
 BACKBONE_SOURCES = (IMAGENET_BACKBONE, IMAGE_LABEL_BACKBONE)
+IMAGENET_RESNET = "imagenet_resnet"  # + depth: a torchvision ResNet for DeepLab (convert.py)
 
 
 def _abs(path: str | os.PathLike) -> epath.Path:
@@ -121,11 +122,16 @@ def _flatten(tree: Any):
 def load_initial_weights(variables: dict, path: str) -> dict:
     """Replaces leaves of ``variables`` by a variables checkpoint (``python -m slr_jax.convert``).
 
-    A backbone file (metadata ``source`` in :data:`BACKBONE_SOURCES`) supplies only the
-    ``backbone`` subtrees; a full checkpoint supplies everything. Shapes are checked.
+    A backbone file (metadata ``source`` in :data:`BACKBONE_SOURCES`, or ``imagenet_resnet*``
+    for DeepLab) supplies only the ``backbone`` subtrees; a full checkpoint supplies everything.
+    Shapes are checked.
     """
     loaded, metadata = load_variables(path)
     backbone_only = metadata.get("source") in BACKBONE_SOURCES
+    if str(metadata.get("source", "")).startswith(IMAGENET_RESNET):
+        # A converted torchvision ResNet: its variables are DeepLab's 'backbone' subtrees.
+        loaded = {k: {"backbone": v} for k, v in loaded.items()}
+        backbone_only = True
     out = jax.tree_util.tree_map(lambda x: x, variables)
     for collection in ("params", "batch_stats"):
         if collection not in variables:
@@ -351,7 +357,7 @@ def is_variables_checkpoint(path: str | os.PathLike) -> bool:
 
 
 # Model settings that decide the variables' shapes, compared before the shapes themselves.
-SHAPE_SETTINGS = ("variant", "num_classes", "width", "use_low_rank")
+SHAPE_SETTINGS = ("arch", "variant", "num_classes", "width", "use_low_rank", "depth")
 
 
 def saved_model_settings(checkpoint: str | os.PathLike) -> dict:

@@ -55,7 +55,10 @@ _AT_LEAST_ZERO = (
     "train.total_steps", "train.pretrain_epochs", "train.image_every_steps",
     "train.eval_every_epochs", "train.eval_limit", "train.max_nonfinite_steps",
     "pretrain.steps", "dataset.num_train", "dataset.num_val", "test.bucket_step",
+    "dataset.num_labeled",
 )  # fmt: skip
+ARCHS = ("slrnet", "deeplab")
+OBJECTIVES = ("slrnet", "supervised")
 
 
 def _bound_problems(flat: dict[str, Any]) -> list[str]:
@@ -81,6 +84,7 @@ def _x64_enabled() -> bool:
 def _value_problems(config: Any, mode: str) -> list[str]:
     problems = _bound_problems(flatten_keys(config))
     model, train = config.model, config.train
+    problems += _arch_problems(config)
     if model.variant not in VARIANTS:
         problems.append(f"model.variant={model.variant!r} not in {VARIANTS}")
     if model.dtype not in COMPUTE_DTYPES:
@@ -102,6 +106,25 @@ def _value_problems(config: Any, mode: str) -> list[str]:
             f"loss.class_weights has {len(weights)} values for {model.num_classes - 1} "
             "foreground classes"
         )
+    return problems
+
+
+def _arch_problems(config: Any) -> list[str]:
+    """The model architecture, the objective and what they need of each other."""
+    model, problems = config.model, []
+    if model.arch not in ARCHS:
+        problems.append(f"model.arch={model.arch!r} not in {ARCHS}")
+    if config.loss.objective not in OBJECTIVES:
+        problems.append(f"loss.objective={config.loss.objective!r} not in {OBJECTIVES}")
+    if model.arch == "deeplab":
+        if config.loss.objective != "supervised":
+            problems.append("model.arch='deeplab' trains with loss.objective='supervised'")
+        if model.depth not in (50, 101):
+            problems.append(f"model.depth={model.depth!r} must be 50 or 101")
+        if model.output_stride not in (8, 16):
+            problems.append(f"model.output_stride={model.output_stride!r} must be 8 or 16")
+    if config.dataset.labeled_only and config.loss.objective != "supervised":
+        problems.append("dataset.labeled_only=True needs loss.objective='supervised'")
     return problems
 
 

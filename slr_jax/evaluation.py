@@ -157,7 +157,9 @@ def evaluate_and_keep_best(config, state, checkpoints, workdir: str, step: int, 
     if "pred" not in summary["scores"]:
         logging.warning("no validation image has ground truth; skipped scoring.")
         return {}
-    pseudo = pseudo_label_scores(config, variables, limit)
+    pseudo = None
+    if config.loss.objective == "slrnet":  # a supervised model makes no pseudo labels
+        pseudo = pseudo_label_scores(config, variables, limit)
     result = results_of(config, step, summary, pseudo, out_dir)
     logging.info(
         "step %d: val mIoU %.4f (pseudo labels %.4f) over %d images",

@@ -13,16 +13,20 @@ point is ``slrnet_objective``; the pieces are exposed for tests and reuse. Per v
   weight in the CE.
 - ``coco``: max-normalised pseudo labels (``fg > cutoff_top``, bg where no class exceeds
   ``cutoff_low``) and a positively weighted BCE classification loss.
+
+``supervised_objective`` is the fully supervised alternative (``loss.objective='supervised'``:
+the stage-2 DeepLabV3+ on pseudo labels, or a baseline on the pixel-labelled images alone).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 
-from slr_jax.constants import SEMI_VARIANTS, VARIANTS
+from slr_jax.constants import IGNORE_LABEL, SEMI_VARIANTS, VARIANTS
 from slr_jax.ops import resize_bilinear_align_corners
 from slr_jax.ops.pamr import pamr
 
@@ -272,3 +276,55 @@ def slrnet_objective(
         terms["seg_labeled"] = seg_labeled
     terms["total"] = total
     return total, terms, visuals
+
+
+def cross_entropy_with_ignore(logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean cross-entropy over the labelled pixels of a batch (PyTorch's
+    ``CrossEntropyLoss(ignore_index=255)``); 0 when no pixel is labelled.
+
+    Args:
+      logits: (B, h, w, C), upsampled (align corners) to the mask size first if smaller.
+      mask: (B, H, W) int class indices, 255 = ignore.
+    """
+    if logits.shape[1:3] != mask.shape[1:3]:
+        logits = resize_bilinear_align_corners(logits, mask.shape[1:3])
+    valid = mask != IGNORE_LABEL
+    target = jnp.where(valid, mask, 0).astype(jnp.int32)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(log_probs, target[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+
+
+def supervised_objective(
+    outputs: Mapping[str, jax.Array],
+    batch: Mapping[str, jax.Array],
+    *,
+    loss_cfg,
+    seg_weight: jax.Array | float = 1.0,
+) -> tuple[jax.Array, dict[str, jax.Array], dict[str, jax.Array]]:
+    """Cross-entropy of ``outputs['logits']`` against ``batch['mask']`` (255 ignored), plus
+    ``loss_cfg.aux_weight`` x that of ``outputs['aux_logits']`` when the model has an aux head.
+
+    ``seg_weight`` is accepted for the train step's common signature and not used (there is no
+    warm-up without a pseudo label to wait for). Returns ``(total, terms, {})`` with terms
+    ``seg`` (``aux``) and ``total``.
+    """
+    del seg_weight
+    seg = cross_entropy_with_ignore(outputs["logits"], batch["mask"])
+    terms = {"seg": seg}
+    total = seg
+    if "aux_logits" in outputs:
+        terms["aux"] = cross_entropy_with_ignore(outputs["aux_logits"], batch["mask"])
+        total = total + float(loss_cfg.aux_weight) * terms["aux"]
+    terms["total"] = total
+    return total, terms, {}
+
+
+def make_objective(config) -> Callable:
+    """``objective(outputs, batch, seg_weight) -> (total, terms, visuals)`` of
+    ``config.loss.objective`` (``slrnet`` with ``config.model.variant``, or ``supervised``)."""
+    if config.loss.objective == "supervised":
+        return functools.partial(supervised_objective, loss_cfg=config.loss)
+    return functools.partial(
+        slrnet_objective, loss_cfg=config.loss, variant=str(config.model.variant)
+    )

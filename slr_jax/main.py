@@ -183,11 +183,17 @@ def check_workdir(workdir: str | None) -> None:
 
 def run_train(config: Any) -> int:
     """Trains in ``--workdir``; returns the exit status (0, or :data:`EXIT_PREEMPTED`)."""
+    from slr_jax import stage2
+    from slr_jax.errors import Preempted
     from slr_jax.train import train_and_evaluate
 
     check_workdir(_WORKDIR.value)
     enable_compilation_cache(config, _WORKDIR.value)
-    result = train_and_evaluate(config, _WORKDIR.value)
+    try:
+        config = stage2.prepare(config, _WORKDIR.value)  # pseudo labels of a first stage
+        result = train_and_evaluate(config, _WORKDIR.value)
+    except Preempted:
+        result = {"preempted": True, "step": 0}
     if result["preempted"]:
         print(
             f"stopped at step {result['step']} for preemption after saving a checkpoint; rerun "
@@ -197,9 +203,11 @@ def run_train(config: Any) -> int:
     if result["eval"]:
         ev = result["eval"]
         crf = f", after the dense CRF {ev['crf_miou']:.4f}" if "crf_miou" in ev else ""
+        pseudo = ev["pseudo_label_miou"]
+        pseudo = f", pseudo-label mIoU {pseudo:.4f}" if pseudo == pseudo else ""  # NaN: none
         print(
-            f"final step {result['step']}: val mIoU {ev['miou']:.4f}{crf}, pseudo-label "
-            f"mIoU {ev['pseudo_label_miou']:.4f} ({_WORKDIR.value}/results.json)"
+            f"final step {result['step']}: val mIoU {ev['miou']:.4f}{crf}{pseudo} "
+            f"({_WORKDIR.value}/results.json)"
         )
     return 0
 

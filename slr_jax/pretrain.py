@@ -37,6 +37,7 @@ from slr_jax import checkpoint as checkpoint_lib
 from slr_jax.errors import Preempted, PretrainError
 from slr_jax.losses import multilabel_soft_margin
 from slr_jax.models.backbone import WideResNet38
+from slr_jax.models.resnet import RESNET_LAYERS, ResNet, dilation_for_output_stride
 from slr_jax.sharding import data_sharded, replicated, shard_batch
 
 CHECKPOINT_DIR = "pretrained_backbone"
@@ -45,25 +46,40 @@ METRICS_FILE = "pretrain_metrics.jsonl"
 
 
 class BackboneClassifier(nn.Module):
-    """WideResNet38 -> mean of ``conv6`` over space -> linear: (B, H, W, 3) -> (B, num_labels).
+    """Backbone -> mean of its last features over space -> linear: (B, H, W, 3) ->
+    (B, num_labels). The backbone is WideResNet38 (``conv6``), or with ``resnet_layers`` the
+    DeepLab ResNet (``layer4``, dilated to ``output_stride``).
 
-    The backbone is the submodule ``backbone``, named as in ``SLRNet``, so its variables drop
-    into the segmentation model unchanged.
+    The backbone is the submodule ``backbone``, named as in ``SLRNet`` and ``DeepLabV3Plus``,
+    so its variables drop into the segmentation model unchanged.
     """
 
     num_labels: int
     width: float = 1.0
     dtype: Any = jnp.float32
+    resnet_layers: tuple[int, ...] = ()  # () = WideResNet38
+    output_stride: int = 8
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
-        features = WideResNet38(
-            self.width,
-            self.dtype,
-            batch_norm_stats=True,
-            zero_init_residual=True,
-            name="backbone",
-        )(images, train)["conv6"]
+        if self.resnet_layers:
+            features = ResNet(
+                self.resnet_layers,
+                dilation_for_output_stride(self.output_stride),
+                self.width,
+                self.dtype,
+                batch_norm_stats=True,
+                zero_init_residual=True,
+                name="backbone",
+            )(images, train)["layer4"]
+        else:
+            features = WideResNet38(
+                self.width,
+                self.dtype,
+                batch_norm_stats=True,
+                zero_init_residual=True,
+                name="backbone",
+            )(images, train)["conv6"]
         pooled = jnp.mean(features.astype(jnp.float32), axis=(1, 2))
         return nn.Dense(self.num_labels, name="classifier")(pooled)
 
@@ -94,10 +110,17 @@ def check_settings(config: Any) -> None:
         )
     if not 0 < float(cfg.momentum) < 1:
         raise PretrainError(f"config.pretrain.momentum must be in (0, 1), got {cfg.momentum}.")
-    if int(cfg.steps) > 0 and config.model.variant == "semi_wo_cls":
-        raise PretrainError(
-            "backbone pretraining needs image labels; the semi_wo_cls setting has none."
-        )
+
+
+def _labelled_data(config: Any) -> Any:
+    """The config whose training images pretraining reads: ``config``, except that the
+    semi_wo_cls setting has image labels only where it has pixel labels, so its backbone
+    learns from its pixel-labelled images alone (their labels come from their masks)."""
+    if config.model.variant != "semi_wo_cls":
+        return config
+    config = config.copy_and_resolve_references()
+    config.dataset.labeled_only = True
+    return config
 
 
 def make_step(model: BackboneClassifier, tx: optax.GradientTransformation) -> Callable:
@@ -126,6 +149,7 @@ def _metadata(config: Any) -> dict:
     cfg = config.pretrain
     return {
         "source": checkpoint_lib.IMAGE_LABEL_BACKBONE,
+        "arch": str(config.model.arch),
         "variant": str(config.model.variant),
         "num_classes": int(config.model.num_classes),
         "width": float(config.model.width),
@@ -137,14 +161,22 @@ def _metadata(config: Any) -> dict:
             "batch_size": int(config.train.batch_size),
             "seed": int(config.seed),
             "dataset": str(config.dataset.name),
+            "num_labeled": int(config.dataset.num_labeled),
+            "depth": int(config.model.depth),
+            "output_stride": int(config.model.output_stride),
         },
     }
 
 
 def _build(config: Any, mesh: Mesh):
     """(model, jitted sharded step, initial (params, batch_stats, opt_state), step key)."""
+    deeplab = config.model.arch == "deeplab"
     model = BackboneClassifier(
-        int(config.model.num_classes) - 1, float(config.model.width), jnp.dtype(config.model.dtype)
+        int(config.model.num_classes) - 1,
+        float(config.model.width),
+        jnp.dtype(config.model.dtype),
+        resnet_layers=tuple(RESNET_LAYERS[int(config.model.depth)]) if deeplab else (),
+        output_stride=int(config.model.output_stride),
     )
     crop = int(config.dataset.crop_size)
     init_key, step_key = jax.random.split(jax.random.fold_in(jax.random.key(int(config.seed)), 1))
@@ -241,7 +273,7 @@ def pretrain_backbone(
     own_batches = batches is None
     if own_batches:
         position = start * int(config.train.batch_size)
-        batches = data_lib.train_dataset(config, start_position=position)
+        batches = data_lib.train_dataset(_labelled_data(config), start_position=position)
     try:
         params, batch_stats, _ = _train_loop(
             config, workdir, step_fn, state, batches, mesh, step_key, start, progress

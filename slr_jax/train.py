@@ -37,7 +37,7 @@ from jax.sharding import Mesh
 from slr_jax import checkpoint as checkpoint_lib
 from slr_jax import evaluation, optim, pretrain, summaries
 from slr_jax.errors import Preempted, TrainingError
-from slr_jax.losses import slrnet_objective
+from slr_jax.losses import make_objective
 from slr_jax.models import build_model, init_variables
 from slr_jax.sharding import (
     BATCH_KEYS,
@@ -154,15 +154,16 @@ def train_step(
     state: TrainState,
     batch: Batch,
     *,
-    loss_cfg: Any,
-    variant: str,
+    objective: Callable,
     pretrain_steps: int,
     learning_rate_fn: Callable[[jax.Array], jax.Array],
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SGD step on a global batch (see ``docs/design.md`` for the batch layout).
 
-    Returns the new state and scalar metrics: every loss term, ``lr``, ``seg_weight``,
-    ``nonfinite`` (1 when the update was skipped) and ``grad_norm`` (of the trainable leaves).
+    ``objective(outputs, batch, seg_weight=...) -> (total, terms, visuals)``
+    (``losses.make_objective``). Returns the new state and scalar metrics: every loss term,
+    ``lr``, ``seg_weight``, ``nonfinite`` (1 when the update was skipped) and ``grad_norm`` (of
+    the trainable leaves).
     """
     step_key = dropout_key(state)
     seg_weight = (state.step >= pretrain_steps).astype(jnp.float32)
@@ -180,9 +181,7 @@ def train_step(
             rngs={"dropout": step_key},
             mutable=["batch_stats"],
         )
-        total, terms, _ = slrnet_objective(
-            outputs, batch, loss_cfg=loss_cfg, variant=variant, seg_weight=seg_weight
-        )
+        total, terms, _ = objective(outputs, batch, seg_weight=seg_weight)
         return total, (terms, updates["batch_stats"])
 
     (_, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -209,8 +208,7 @@ def compile_train_step(
     batch sharded over ``mesh``."""
     step_fn = functools.partial(
         train_step,
-        loss_cfg=config.loss,
-        variant=config.model.variant,
+        objective=make_objective(config),
         pretrain_steps=plan.pretrain_steps,
         learning_rate_fn=learning_rate_fn,
     )
@@ -359,7 +357,8 @@ class TrainLoop:
         evaluation's results when one ran."""
         if step % self.log_every == 0 or step == self.plan.total_steps:
             self.log(state, step)
-        if self.writer is not None and self.image_every > 0 and step % self.image_every == 0:
+        images = self.image_every > 0 and self.config.loss.objective == "slrnet"
+        if self.writer is not None and images and step % self.image_every == 0:
             self.visuals_fn = self.visuals_fn or evaluation.make_visuals_fn(self.config, self.model)
             variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
             summaries.write_images(self.writer, self.visuals_fn, variables, batch, step)

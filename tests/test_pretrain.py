@@ -117,7 +117,6 @@ def test_a_restart_reuses_the_checkpoint_and_new_settings_retrain(pretrained, tm
     [
         (("pretrain", "lr", 0.0), "lr > 0"),
         (("pretrain", "momentum", 1.0), "momentum must be in"),
-        (("model", "variant", "semi_wo_cls"), "needs image labels"),
     ],
 )
 def test_bad_settings_are_refused_before_any_work(override, message, tmp_path):

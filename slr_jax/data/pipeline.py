@@ -22,7 +22,8 @@ prefetching. TensorFlow is kept off the GPU so it cannot take accelerator memory
 
 Config keys read (``config.dataset`` unless noted): ``name`` ('voc' | 'synthetic' | 'coco'),
 ``source``, ``tfds_name``, ``manual_dir``, ``data_dir``, ``train_split``, ``val_split``,
-``labeled_split``, ``oversample_rate``, ``crop_size``, ``scale_range``, ``ratio_range``,
+``labeled_split``, ``oversample_rate``, ``num_labeled``, ``labeled_only``,
+``pseudo_label_dir``, ``crop_size``, ``scale_range``, ``ratio_range``,
 ``flip_prob``, ``color_jitter``, ``image_labels_file``, ``num_parallel_calls``, ``prefetch``,
 and for 'synthetic' ``num_train``, ``num_val``, ``image_size``; plus ``config.seed``,
 ``config.model.num_classes`` and ``config.train.batch_size``.
@@ -171,9 +172,25 @@ def train_examples(cfg: Any) -> list[VocExample] | list[TfdsExample]:
         cfg.dataset.train_split,
         labeled_split=cfg.dataset.labeled_split,
         oversample_rate=int(cfg.dataset.oversample_rate),
+        num_labeled=int(cfg.dataset.num_labeled),
     )
+    if cfg.dataset.pseudo_label_dir:
+        examples = voc.with_pseudo_labels(examples, cfg.dataset.pseudo_label_dir)
     voc.check_files(examples, headers=bool(cfg.dataset.check_files))
-    return examples
+    return _labeled_only(cfg, examples)
+
+
+def _labeled_only(cfg: Any, examples: list) -> list:
+    """The pixel-labelled examples alone with ``dataset.labeled_only``, else ``examples``."""
+    if not cfg.dataset.labeled_only:
+        return examples
+    kept = [e for e in examples if e.is_labeled]
+    if not kept:
+        raise DataError(
+            "config.dataset.labeled_only is set but no training example is pixel-labelled; "
+            "check dataset.labeled_split and dataset.num_labeled."
+        )
+    return kept
 
 
 def eval_examples(
@@ -286,15 +303,21 @@ def _tfds_train_examples(cfg: Any) -> list[TfdsExample]:
     source = _tfds_source(cfg, split)
     examples = [TfdsExample(split, index) for index in range(len(source))]
     labeled_split = cfg.dataset.labeled_split
-    if not labeled_split:
-        return examples
+    if cfg.dataset.pseudo_label_dir:
+        raise DataError(
+            "config.dataset.pseudo_label_dir is read with the folder source only; set "
+            "config.dataset.source='folder'."
+        )
+    if not labeled_split and not cfg.dataset.num_labeled:
+        return _labeled_only(cfg, examples)
     if str(labeled_split).lower() in voc.NO_PIXEL_LABELS:
-        return [dataclasses.replace(e, is_labeled=False) for e in examples]
+        return _labeled_only(cfg, [dataclasses.replace(e, is_labeled=False) for e in examples])
     oversample_rate = cfg.dataset.oversample_rate
     if int(oversample_rate) < 1:
         raise DataError(f"oversample_rate must be an integer >= 1, got {oversample_rate}.")
-    labeled = set(_tfds_names(_tfds_source(cfg, labeled_split)))
     names = _tfds_names(source)
+    listed = _tfds_names(_tfds_source(cfg, labeled_split)) if labeled_split else names
+    labeled = set(voc.first_labeled(listed, int(cfg.dataset.num_labeled)))
     absent = sorted(labeled - set(names))
     if absent:
         raise DataError(
@@ -303,7 +326,8 @@ def _tfds_train_examples(cfg: Any) -> list[TfdsExample]:
             "of the training split."
         )
     marked = [TfdsExample(split, i, name in labeled) for i, name in enumerate(names)]
-    return marked + [e for e in marked if e.is_labeled] * (int(oversample_rate) - 1)
+    repeats = [e for e in marked if e.is_labeled] * (int(oversample_rate) - 1)
+    return _labeled_only(cfg, marked + repeats)
 
 
 def _tfds_loader(cfg: Any) -> Callable[..., dict[str, Any]]:

@@ -233,20 +233,69 @@ def training_examples(
     *,
     labeled_split: str | None = None,
     oversample_rate: int = 1,
+    num_labeled: int = 0,
 ) -> list[VocExample]:
     """The training list of one setting.
 
-    ``labeled_split`` None or '': every example with a mask is pixel-labelled. ``'none'``: no
-    example is (weak supervision; labels still come from the masks). A split name (e.g.
-    ``'train'``): only its ids are pixel-labelled, oversampled ``oversample_rate`` times.
+    ``labeled_split`` None or '' (and ``num_labeled`` 0): every example with a mask is
+    pixel-labelled. ``'none'``: no example is (weak supervision; labels still come from the
+    masks). A split name (e.g. ``'train'``): only its ids are pixel-labelled, oversampled
+    ``oversample_rate`` times. ``num_labeled`` > 0 keeps the first ``num_labeled`` ids of the
+    labelled list (``labeled_split``, else ``split`` itself) as the pixel-labelled ones.
     """
     examples = read_split(manual_dir, split)
-    if not labeled_split:
+    if not labeled_split and not num_labeled:
         return examples
     if str(labeled_split).lower() in NO_PIXEL_LABELS:
         return [dataclasses.replace(e, is_labeled=False) for e in examples]
-    labeled_names = [e.name for e in read_split(manual_dir, labeled_split)]
-    return semi_supervised_examples(examples, labeled_names, oversample_rate)
+    listed = read_split(manual_dir, labeled_split) if labeled_split else examples
+    return semi_supervised_examples(
+        examples, first_labeled([e.name for e in listed], num_labeled), oversample_rate
+    )
+
+
+def first_labeled(names: Sequence[str], num_labeled: int) -> list[str]:
+    """The first ``num_labeled`` of ``names`` (all of them for 0); DataError when too few."""
+    num_labeled = int(num_labeled)
+    if num_labeled > len(names):
+        raise DataError(
+            f"config.dataset.num_labeled={num_labeled} but the labelled list holds "
+            f"{len(names)} ids; lower it (0 = all)."
+        )
+    return list(names[:num_labeled] if num_labeled else names)
+
+
+def with_pseudo_labels(examples: Sequence[VocExample], folder: str) -> list[VocExample]:
+    """``examples`` with their masks replaced by ``folder/<id>.png`` (all pixel-labelled).
+
+    Raises one DataError naming the label files that are missing, unreadable, or not of their
+    image's size (their headers are read: a few ms per file).
+    """
+    root = epath.Path(folder).expanduser()
+    if not root.is_dir():
+        raise DataError(
+            f"config.dataset.pseudo_label_dir {root} is not a folder; it must hold one <id>.png "
+            "label map per training image (the pred/ or crf/ folder of --mode=infer)."
+        )
+    replaced, problems, seen = [], [], set()
+    for example in examples:
+        labelled = dataclasses.replace(
+            example, mask_path=str(root / f"{example.name}.png"), is_labeled=True
+        )
+        replaced.append(labelled)
+        if example.name not in seen and "://" not in labelled.mask_path:
+            seen.add(example.name)
+            problem = _example_problem(labelled, headers=True)
+            if problem is not None:
+                problems.append(problem)
+    if problems:
+        shown = "; ".join(problems[:5]) + (" ..." if len(problems) > 5 else "")
+        raise DataError(
+            f"{len(problems)} of {len(seen)} pseudo-label files in {root} cannot be used: "
+            f"{shown}. Export them again (python -m slr_jax.main --mode=infer --split=TRAIN "
+            "--output=OUT) or point config.dataset.pseudo_label_dir at the right folder."
+        )
+    return replaced
 
 
 def load_image(path: str, apply_exif: bool = True) -> np.ndarray:

@@ -115,11 +115,15 @@ class InferenceRun:
         self.out_dir = prepare_output_dir(out_dir)
         self.save_probs, self.palette = save_probs, palette
         self.num_classes = int(config.model.num_classes)
-        self.filter_classes = config.model.variant != "semi_wo_cls"
+        slrnet = config.model.arch == "slrnet"
+        # DeepLab's masks are a plain softmax: no class scores to filter by (as semi_wo_cls).
+        self.filter_classes = slrnet and config.model.variant != "semi_wo_cls"
         if apply_fn is None:
             from slr_jax.models import build_model
 
-            model = build_model(config.model).clone(num_iters=int(self.settings["num_iters"]))
+            model = build_model(config.model)
+            if slrnet:
+                model = model.clone(num_iters=int(self.settings["num_iters"]))
             apply_fn = model.apply
         self.apply_fn = apply_fn
         self.key = export.run_key(self.settings, config.model, variables, apply_fn)
