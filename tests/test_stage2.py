@@ -174,3 +174,22 @@ def test_prepare_uses_complete_labels_and_refuses_a_first_stage_without_weights(
     monkeypatch.setattr(stage2, "train_first_stage", lambda *a: pytest.fail("trained again"))
     prepared = stage2.prepare(config, str(tmp_path / "run"))
     assert prepared.dataset.pseudo_label_dir == str(labels)
+
+
+def test_a_converted_torchvision_resnet_initialises_the_deeplab_backbone(tmp_path):
+    from slr_jax import checkpoint
+    from slr_jax.models.deeplab import deeplab_variable_shapes
+    from slr_jax.models.resnet import resnet_variable_shapes
+
+    layers, width = (1, 1, 1, 1), 0.0625
+    model = DeepLabV3Plus(num_classes=CLASSES, layers=layers, width=width)
+    zeros = lambda tree: jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), tree)
+    variables = zeros(deeplab_variable_shapes(model))
+    resnet = jax.tree_util.tree_map(lambda x: x + 1.0, zeros(resnet_variable_shapes(layers, width)))
+    checkpoint.save_variables(tmp_path / "r", resnet, {"source": "imagenet_resnet50"})
+    loaded = checkpoint.load_initial_weights(variables, str(tmp_path / "r"))
+    for collection in ("params", "batch_stats"):
+        for leaf in jax.tree_util.tree_leaves(loaded[collection]["backbone"]):
+            assert np.all(np.asarray(leaf) == 1.0)
+        for leaf in jax.tree_util.tree_leaves(loaded["params"]["decoder"]):
+            assert np.all(np.asarray(leaf) == 0.0)
