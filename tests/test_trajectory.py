@@ -193,8 +193,10 @@ def test_train_step_follows_the_reference_optimizer_and_schedule():
         config, ToySLRNet(), lr_fn, jax.random.key(0), init_checkpoint=""
     )
     kwargs = dict(loss_cfg=config.loss, pretrain_steps=plan.pretrain_steps)
+    objective = functools.partial(slrnet_objective, loss_cfg=config.loss, variant="wsss")
     step = jax.jit(functools.partial(
-        train_lib.train_step, variant="wsss", learning_rate_fn=lr_fn, **kwargs
+        train_lib.train_step, objective=objective, learning_rate_fn=lr_fn,
+        pretrain_steps=plan.pretrain_steps,
     ))  # fmt: skip
     grad_fn = jax.jit(functools.partial(_step_grads, **kwargs))
     start = convert.flax_to_torch({"params": state.params})

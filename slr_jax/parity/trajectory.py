@@ -60,6 +60,7 @@ import numpy as np
 
 from slr_jax import convert, parity
 from slr_jax import train as train_lib
+from slr_jax.losses import make_objective
 from slr_jax.models import build_model, variable_shapes
 from slr_jax.models.backbone import scale_channels
 from slr_jax.models.noise import NOISE
@@ -218,8 +219,7 @@ def run_jax(config, variables: Mapping, batches, steps_per_epoch: int, seed: int
     step = jax.jit(
         functools.partial(
             train_lib.train_step,
-            loss_cfg=config.loss,
-            variant=config.model.variant,
+            objective=make_objective(config),
             pretrain_steps=plan.pretrain_steps,
             learning_rate_fn=lr_fn,
         )
