@@ -203,6 +203,25 @@ def get_config() -> ml_collections.ConfigDict:
     return config
 
 
+def semi_setting(config: ml_collections.ConfigDict, variant: str) -> ml_collections.ConfigDict:
+    """The reference's semi-supervised setting on ``config`` (its experiments/*semi*.yaml):
+    the pixel-labelled ``train`` list, inference background power 1, and for ``semi`` loss
+    coefficients 0.5/2/2/0.5 with the labelled list oversampled 3x; for ``semi_wo_cls`` cutoffs
+    0.8/0.6, background scale 0.9, background cubed before PAMR, oversampled 7x."""
+    config.model.variant = variant
+    config.dataset.labeled_split = "train"
+    config.test.bg_pow = 1.0
+    if variant == "semi":
+        config.loss.loss_coeff = (0.5, 2.0, 2.0, 0.5)
+        config.dataset.oversample_rate = 3
+    elif variant == "semi_wo_cls":
+        config.loss.update(cutoff_top=0.8, cutoff_low=0.6, bg_scale=0.9, pamr_bg_pow=3.0)
+        config.dataset.oversample_rate = 7
+    else:
+        raise ValueError(f"not a semi-supervised variant: {variant!r}")
+    return config
+
+
 def finalise(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Locks ``config`` so unknown keys cannot be added (by code or by flags)."""
     config.lock()

@@ -11,15 +11,12 @@ epochs of 32 steps) although the oversampled list is longer.
     python -m slr_jax.main --config=configs/demo_semi.py --workdir=/tmp/slr_demo_semi
 """
 
-from configs import demo
+from configs import common, demo
 
 
 def get_config():
     config = demo.get_config()
-    config.model.variant = "semi"
-    config.loss.loss_coeff = (0.5, 2.0, 2.0, 0.5)
-    config.dataset.labeled_split = "train"
+    common.semi_setting(config, "semi")
     config.dataset.num_labeled = 32
-    config.dataset.oversample_rate = 3
     config.train.total_steps = 768  # the WSSS demo's budget: 24 epochs of 32 steps
     return config

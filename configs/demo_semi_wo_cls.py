@@ -13,19 +13,13 @@ epochs (the reference: 10 of 40), inference without class filtering and with bac
     python -m slr_jax.main --config=configs/demo_semi_wo_cls.py --workdir=/tmp/slr_demo_semi_wo_cls
 """
 
-from configs import demo
+from configs import common, demo
 
 
 def get_config():
     config = demo.get_config()
-    config.model.variant = "semi_wo_cls"
-    config.loss.cutoff_top = 0.8
-    config.loss.cutoff_low = 0.6
-    config.loss.bg_scale = 0.9
-    config.loss.pamr_bg_pow = 3.0
-    config.dataset.labeled_split = "train"
+    common.semi_setting(config, "semi_wo_cls")
     config.dataset.num_labeled = 32
-    config.dataset.oversample_rate = 7
     config.train.pretrain_epochs = 6
     config.train.total_steps = 768  # the WSSS demo's budget: 24 epochs of 32 steps
     return config

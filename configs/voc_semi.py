@@ -10,11 +10,7 @@ from configs import common
 
 def get_config():
     config = common.get_config()
-    config.model.variant = "semi"
-    config.loss.loss_coeff = (0.5, 2.0, 2.0, 0.5)
-    config.dataset.labeled_split = "train"
-    config.dataset.oversample_rate = 3
+    common.semi_setting(config, "semi")
     config.dataset.crop_size = 448
     config.train.batch_size = 8
-    config.test.bg_pow = 1.0
     return common.finalise(config)

@@ -13,16 +13,9 @@ from configs import common
 
 def get_config():
     config = common.get_config()
-    config.model.variant = "semi_wo_cls"
-    config.loss.cutoff_top = 0.8
-    config.loss.cutoff_low = 0.6
-    config.loss.bg_scale = 0.9
-    config.loss.pamr_bg_pow = 3.0
-    config.dataset.labeled_split = "train"
-    config.dataset.oversample_rate = 7
+    common.semi_setting(config, "semi_wo_cls")
     config.dataset.crop_size = 448
     config.train.batch_size = 10
     config.train.num_epochs = 40
     config.train.pretrain_epochs = 10
-    config.test.bg_pow = 1.0
     return common.finalise(config)
