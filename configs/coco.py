@@ -107,6 +107,7 @@ def get_config():
     config.dataset.train_split = "train"
     config.dataset.val_split = "val"
     config.train.batch_size = 6
+    config.model.bn_stat_groups = common.REFERENCE_GPUS  # per-GPU head BN statistics
     config.train.num_epochs = 20
     config.train.pretrain_epochs = 5
     config.train.total_steps = 20 * 40000 // 6

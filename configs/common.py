@@ -12,6 +12,8 @@ from __future__ import annotations
 import ml_collections
 
 # Reference inference command-line defaults (tools/infer_voc.py).
+# The reference's documented training runs: nn.DataParallel on two GPUs ("v100x2").
+REFERENCE_GPUS = 2
 VOC_TEST_SCALES = (1.0, 1.5, 2.0, 0.5, 0.75)
 
 
@@ -28,6 +30,10 @@ def _model() -> ml_collections.ConfigDict:
     model.scale_factor = 0.5  # size of the second view
     model.dtype = "float32"  # or bfloat16 (parameters stay float32)
     model.remat = False  # rematerialise backbone blocks to save memory
+    # Head BatchNorm training statistics over this many groups of consecutive examples of the
+    # global batch, whatever the device count: 1 = the whole batch (SyncBatchNorm); N = the
+    # reference's nn.DataParallel on N GPUs (the VOC/COCO configs: REFERENCE_GPUS).
+    model.bn_stat_groups = 1
     # deeplab only: ResNet depth, output stride, backbone BatchNorm mode and head dropouts.
     model.depth = 101  # 50 | 101
     model.output_stride = 16  # 16 | 8

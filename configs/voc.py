@@ -14,5 +14,7 @@ from configs import common
 
 def get_config():
     config = common.get_config()
-    # Everything in common.py is already the VOC WSSS setting.
+    # Everything in common.py is already the VOC WSSS setting, but for the per-GPU head
+    # BatchNorm statistics of the reference's two-GPU run (batch 16 = 2 x 8).
+    config.model.bn_stat_groups = common.REFERENCE_GPUS
     return common.finalise(config)

@@ -13,4 +13,5 @@ def get_config():
     common.semi_setting(config, "semi")
     config.dataset.crop_size = 448
     config.train.batch_size = 8
+    config.model.bn_stat_groups = common.REFERENCE_GPUS  # per-GPU head BN statistics
     return common.finalise(config)

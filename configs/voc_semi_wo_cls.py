@@ -16,6 +16,7 @@ def get_config():
     common.semi_setting(config, "semi_wo_cls")
     config.dataset.crop_size = 448
     config.train.batch_size = 10
+    config.model.bn_stat_groups = common.REFERENCE_GPUS  # per-GPU head BN statistics
     config.train.num_epochs = 40
     config.train.pretrain_epochs = 10
     return common.finalise(config)

@@ -49,7 +49,7 @@ def check_keys(config: Any) -> None:
 _AT_LEAST_ONE = (
     "checkpoint.keep", "checkpoint.every_steps", "train.batch_size", "train.num_epochs",
     "train.log_every_steps", "model.num_iters", "test.num_iters", "test.top_k",
-    "loss.pamr_iters", "dataset.oversample_rate",
+    "loss.pamr_iters", "dataset.oversample_rate", "model.bn_stat_groups",
 )  # fmt: skip
 _AT_LEAST_ZERO = (
     "train.total_steps", "train.pretrain_epochs", "train.image_every_steps",
@@ -91,6 +91,13 @@ def _value_problems(config: Any, mode: str) -> list[str]:
         problems.append(f"model.dtype={model.dtype!r} must be one of {COMPUTE_DTYPES}")
     elif model.dtype == "float64" and not _x64_enabled():
         problems.append("model.dtype='float64' needs 64-bit JAX: run with JAX_ENABLE_X64=1")
+    groups = model.bn_stat_groups
+    if isinstance(groups, int) and groups > 1 and train.batch_size % groups:
+        problems.append(
+            f"train.batch_size={train.batch_size} must be a multiple of "
+            f"model.bn_stat_groups={groups} (head BatchNorm statistics per group of "
+            "consecutive examples; 1 = the whole batch)"
+        )
     if model.variant == "coco" and model.num_classes != 81:
         problems.append("the coco variant needs model.num_classes=81")
     if mode == "train" and not train.pretrain_epochs < train.num_epochs:

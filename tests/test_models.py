@@ -413,6 +413,37 @@ def test_conv_bn_relu_train_mode_matches_torch():
     assert_close(new["1/mean"], w.sd["1.running_mean"].numpy(), what="running mean")
 
 
+@pytest.mark.parametrize("groups", [2, 3])
+def test_conv_bn_relu_stat_groups_match_torch_data_parallel(groups):
+    """``bn_stat_groups=G``: what the reference's ``nn.DataParallel`` on G GPUs computes, each
+    GPU's share of the batch normalised with its own statistics and the running statistics
+    updated from the first share (replica 0's buffers are the module's)."""
+    x = _nhwc((6, 6, 5, 12))
+    layer = ConvBNReLU(16, kernel=3, bn_stat_groups=groups)
+    variables = random_variables(layer, x)
+    out, updates = layer.apply(variables, x, True, mutable=["batch_stats"])
+    shares = [TorchWeights(variables) for _ in range(groups)]
+    ref = torch.cat(
+        [
+            F.relu(w.bn(w.conv(to_torch(part), "0"), "1", training=True))
+            for w, part in zip(shares, np.split(np.asarray(x), groups))
+        ]
+    )
+    assert_close(out, from_torch(ref), what=f"ConvBNReLU train, {groups} groups")
+    new = _bn_leaves(updates["batch_stats"])
+    assert_close(new["1/mean"], shares[0].sd["1.running_mean"].numpy(), what="running mean")
+    assert_close(new["1/var"], shares[0].sd["1.running_var"].numpy(), what="running var")
+    whole, _ = ConvBNReLU(16, kernel=3).apply(variables, x, True, mutable=["batch_stats"])
+    assert np.max(np.abs(np.asarray(whole) - np.asarray(out))) > 1e-3, "groups had no effect"
+
+
+def test_bn_stat_groups_must_divide_the_batch():
+    layer = ConvBNReLU(4, bn_stat_groups=2)
+    x = _nhwc((3, 4, 4, 5))
+    with pytest.raises(ValueError, match="stat_groups=2 does not divide the batch of 3"):
+        layer.init(jax.random.key(0), x, True)
+
+
 # --------------------------------------------------------------------------- low-rank module
 def torch_initial_dictionary(features, logits):
     """features (B, N, D), logits (B, N, K) -> (B, K, D)."""

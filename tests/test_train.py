@@ -8,6 +8,7 @@ compilation cache; the multi-device check compiles only the training forward and
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -341,7 +342,20 @@ def test_unknown_or_invalid_config_is_rejected_before_work():
     config.train.pretrain_epochs = config.train.num_epochs
     with pytest.raises(ConfigError, match="pretrain_epochs"):
         validate_config(config)
+    config = demo.get_config()
+    config.model.bn_stat_groups, config.train.batch_size = 3, 8
+    with pytest.raises(ConfigError, match="batch_size=8 must be a multiple of model.bn_stat"):
+        validate_config(config)
     validate_config(demo.get_config())
+
+
+def test_voc_configs_keep_the_reference_per_gpu_head_batch_norm_statistics():
+    """The reference's documented runs use nn.DataParallel on two GPUs: per-GPU statistics."""
+    for name in ("voc", "voc_semi", "voc_semi_wo_cls", "coco"):
+        config = importlib.import_module(f"configs.{name}").get_config()
+        assert config.model.bn_stat_groups == 2, name
+        validate_config(config)
+    assert demo.get_config().model.bn_stat_groups == 1
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ so that Flax parameter paths equal the reference's state-dict keys.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -22,15 +23,18 @@ GATE_ALPHA = 0.3
 
 
 def head_batch_norm(
-    train: bool, dtype: Any, name: str, *, affine: bool = True, frozen_stats: bool = False
-) -> BatchNorm:
-    """A head BatchNorm: batch statistics in training unless ``frozen_stats`` (ASPP)."""
+    train: bool, dtype: Any, name: str, *, affine: bool = True, frozen_stats: bool = False,
+    stat_groups: int = 1,
+) -> BatchNorm:  # fmt: skip
+    """A head BatchNorm: batch statistics in training unless ``frozen_stats`` (ASPP), over
+    ``stat_groups`` groups of the batch (``layers.BatchNorm``)."""
     return BatchNorm(
         use_running_average=frozen_stats or not train,
         momentum=HEAD_BN_MOMENTUM,
         use_scale=affine,
         use_bias=affine,
         dtype=dtype,
+        stat_groups=stat_groups,
         name=name,
     )
 
@@ -45,13 +49,15 @@ class ConvBNReLU(nn.Module):
     relu: bool = True
     frozen_stats: bool = False
     dtype: Any = jnp.float32
+    bn_stat_groups: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = conv(self.features, self.kernel, dilation=self.dilation, dtype=self.dtype, name="0")(x)
         x = head_batch_norm(
-            train, self.dtype, "1", affine=self.affine, frozen_stats=self.frozen_stats
-        )(x)
+            train, self.dtype, "1", affine=self.affine, frozen_stats=self.frozen_stats,
+            stat_groups=self.bn_stat_groups,
+        )(x)  # fmt: skip
         return nn.relu(x) if self.relu else x
 
 
@@ -123,19 +129,19 @@ class GCI(nn.Module):
 
     width: float = 1.0
     dtype: Any = jnp.float32
+    bn_stat_groups: int = 1
 
     @nn.compact
     def __call__(self, shallow: jax.Array, deep: jax.Array, train: bool = False) -> jax.Array:
         c = scale_channels(256, self.width)
-        deep = ConvBNReLU(2 * c, dtype=self.dtype, name="fc_deep")(deep, train)
+        block = functools.partial(ConvBNReLU, dtype=self.dtype, bn_stat_groups=self.bn_stat_groups)
+        deep = block(2 * c, name="fc_deep")(deep, train)
         b, h, w, c2 = deep.shape
         attrs = max_to_argmax(deep.reshape(b, h * w, c2), axis=1).reshape(b, 1, 1, c2)
         gamma, beta = attrs[..., :c], attrs[..., c:]
-        skip = ConvBNReLU(c, affine=False, relu=False, dtype=self.dtype, name="fc_skip")(
-            shallow, train
-        )
+        skip = block(c, affine=False, relu=False, name="fc_skip")(shallow, train)
         x = nn.relu(skip * (gamma + 1) + beta)
-        return ConvBNReLU(c, dtype=self.dtype, name="fc_cls")(x, train)
+        return block(c, name="fc_cls")(x, train)
 
 
 def max_to_argmax(x: jax.Array, axis: int) -> jax.Array:
@@ -182,15 +188,16 @@ class LastConv(nn.Module):
     out_channels: int
     width: float = 1.0
     dtype: Any = jnp.float32
+    bn_stat_groups: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         c = scale_channels(256, self.width)
         x = conv(c, 3, dtype=self.dtype, name="0")(x)
-        x = nn.relu(head_batch_norm(train, self.dtype, "1")(x))
+        x = nn.relu(head_batch_norm(train, self.dtype, "1", stat_groups=self.bn_stat_groups)(x))
         x = Dropout(0.5, deterministic=not train)(x)
         x = conv(c, 3, dtype=self.dtype, name="4")(x)
-        x = nn.relu(head_batch_norm(train, self.dtype, "5")(x))
+        x = nn.relu(head_batch_norm(train, self.dtype, "5", stat_groups=self.bn_stat_groups)(x))
         x = Dropout(0.1, deterministic=not train)(x)
         return conv(self.out_channels, 1, use_bias=True, dtype=self.dtype, name="8")(x)
 
@@ -201,12 +208,13 @@ class AuxHead(nn.Module):
     out_channels: int
     width: float = 1.0
     dtype: Any = jnp.float32
+    bn_stat_groups: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         c = scale_channels(256, self.width)
         x = conv(c, 3, dtype=self.dtype, name="0")(x)
-        x = nn.relu(head_batch_norm(train, self.dtype, "1")(x))
+        x = nn.relu(head_batch_norm(train, self.dtype, "1", stat_groups=self.bn_stat_groups)(x))
         x = Dropout(0.5, deterministic=not train)(x)
         return conv(self.out_channels, 1, use_bias=True, dtype=self.dtype, name="4")(x)
 

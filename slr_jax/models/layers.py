@@ -82,6 +82,11 @@ class BatchNorm(nn.Module):
       use_running_average: normalise with the running statistics (PyTorch ``eval()`` or a
         frozen BatchNorm) instead of the batch's.
       momentum: PyTorch's momentum, the weight of the new batch statistic (0.1 by default).
+      stat_groups: in training, split the batch (axis 0) into this many equal groups of
+        consecutive examples and normalise each with its own statistics, the running ones
+        updated from the first group's: what ``nn.DataParallel`` does on ``stat_groups`` GPUs
+        (each replica normalises its share; replica 0's buffers are the module's). 1: the
+        whole batch (one GPU, or SyncBatchNorm). Independent of how many devices run it.
     """
 
     use_running_average: bool
@@ -91,6 +96,7 @@ class BatchNorm(nn.Module):
     use_bias: bool = True
     dtype: Any = jnp.float32
     scale_init: Callable = nn.initializers.ones
+    stat_groups: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -101,20 +107,47 @@ class BatchNorm(nn.Module):
         xs = x.astype(stat_dtype)
         if self.use_running_average:
             mean, var = running_mean.value, running_var.value
+        elif self.stat_groups > 1:
+            return self._grouped(xs, running_mean, running_var).astype(self.dtype)
         else:
-            axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(xs, axis=axes)
-            var = jnp.mean(jnp.square(xs - mean), axis=axes)
-            if not self.is_initializing():
-                count = x.size // channels
-                unbiased = var * (count / max(count - 1, 1))
-                m = self.momentum
-                running_mean.value = (1 - m) * running_mean.value + m * mean
-                running_var.value = (1 - m) * running_var.value + m * unbiased
-        mul = jax.lax.rsqrt(var.astype(stat_dtype) + self.epsilon)
+            mean, var = self._batch_statistics(xs, tuple(range(x.ndim - 1)))
+            self._update_running(running_mean, running_var, mean, var, x.size // channels)
+        return self._normalise(xs, mean, var).astype(self.dtype)
+
+    def _batch_statistics(self, xs: jax.Array, axes: tuple[int, ...]):
+        """Mean and biased variance over ``axes`` (two passes), keeping the channel axis."""
+        mean = jnp.mean(xs, axis=axes, keepdims=len(axes) < xs.ndim - 1)
+        return mean, jnp.mean(jnp.square(xs - mean), axis=axes, keepdims=len(axes) < xs.ndim - 1)
+
+    def _update_running(self, running_mean, running_var, mean, var, count: int) -> None:
+        if self.is_initializing():
+            return
+        unbiased = var * (count / max(count - 1, 1))
+        m = self.momentum
+        running_mean.value = (1 - m) * running_mean.value + m * mean
+        running_var.value = (1 - m) * running_var.value + m * unbiased
+
+    def _grouped(self, xs: jax.Array, running_mean, running_var) -> jax.Array:
+        """(N, ..., C) normalised per group of N / stat_groups consecutive examples."""
+        groups, channels = self.stat_groups, xs.shape[-1]
+        if xs.shape[0] % groups:
+            raise ValueError(
+                f"BatchNorm stat_groups={groups} does not divide the batch of {xs.shape[0]}"
+            )
+        grouped = xs.reshape((groups, xs.shape[0] // groups) + xs.shape[1:])
+        mean, var = self._batch_statistics(grouped, tuple(range(1, grouped.ndim - 1)))
+        count = grouped[0].size // channels
+        self._update_running(
+            running_mean, running_var, mean[0].reshape(-1), var[0].reshape(-1), count
+        )
+        return self._normalise(grouped, mean, var).reshape(xs.shape)
+
+    def _normalise(self, xs: jax.Array, mean: jax.Array, var: jax.Array) -> jax.Array:
+        channels = xs.shape[-1]
+        mul = jax.lax.rsqrt(var.astype(xs.dtype) + self.epsilon)
         if self.use_scale:
             mul = mul * self.param("scale", self.scale_init, (channels,), jnp.float32)
-        y = (xs - mean.astype(stat_dtype)) * mul
+        y = (xs - mean.astype(xs.dtype)) * mul
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
-        return y.astype(self.dtype)
+        return y

@@ -63,6 +63,9 @@ class SLRNet(nn.Module):
         ``jax_enable_x64``, for exact comparisons). Logits, masks, codes and scores are returned
         in ``out_dtype``: float32, or float64 for a float64 model.
       remat: rematerialise backbone blocks in the backward pass (saves activation memory).
+      bn_stat_groups: the trainable head BatchNorms' training statistics are taken over this
+        many groups of consecutive examples (the reference's ``nn.DataParallel`` on that many
+        GPUs; 1 = the whole batch), ``layers.BatchNorm.stat_groups``.
       use_low_rank: False drops the cross-view low-rank module (an ablation: features pass
         through unchanged, codes are zeros so the code-consistency term is 0, no parameters).
     """
@@ -76,6 +79,7 @@ class SLRNet(nn.Module):
     dtype: Any = jnp.float32
     remat: bool = False
     use_low_rank: bool = True
+    bn_stat_groups: int = 1
 
     def setup(self):
         if self.variant not in VARIANTS:
@@ -88,11 +92,12 @@ class SLRNet(nn.Module):
         head_out = self.num_classes if self.predicts_background else self.num_classes - 1
         self.backbone = WideResNet38(self.width, self.dtype, self.remat)
         self.aspp = ASPP(self.width, self.dtype)
-        self.fc8_skip = ConvBNReLU(ch(48), dtype=self.dtype)
-        self.fc8_x = ConvBNReLU(ch(256), kernel=3, dtype=self.dtype)
-        self.shallow_mask = GCI(self.width, self.dtype)
-        self.last_conv = LastConv(head_out, self.width, self.dtype)
-        self.aux_head = AuxHead(head_out, self.width, self.dtype)
+        groups = self.bn_stat_groups
+        self.fc8_skip = ConvBNReLU(ch(48), dtype=self.dtype, bn_stat_groups=groups)
+        self.fc8_x = ConvBNReLU(ch(256), kernel=3, dtype=self.dtype, bn_stat_groups=groups)
+        self.shallow_mask = GCI(self.width, self.dtype, bn_stat_groups=groups)
+        self.last_conv = LastConv(head_out, self.width, self.dtype, bn_stat_groups=groups)
+        self.aux_head = AuxHead(head_out, self.width, self.dtype, bn_stat_groups=groups)
         if self.use_low_rank:
             self.factorization_reconstruction = FactorizationReconstruction(
                 self.num_iters, self.temperature, self.dtype
@@ -234,6 +239,7 @@ def build_model(model_cfg) -> SLRNet:
         dtype=compute_dtype(model_cfg.dtype),
         remat=bool(model_cfg.remat),
         use_low_rank=bool(model_cfg.use_low_rank),
+        bn_stat_groups=int(model_cfg.get("bn_stat_groups", 1)),
     )
 
 

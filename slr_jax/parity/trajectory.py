@@ -143,6 +143,7 @@ def jax_config(setting: str, width: float, dtype: str, batch: int):
     config.model.dtype = dtype
     config.train.batch_size = int(batch)
     config.train.total_steps = 0
+    config.model.bn_stat_groups = 1  # the reference runs here as one process on one device
     return config
 
 
