@@ -122,7 +122,12 @@ def weighted_bce_with_logits(
 
 
 def keep_max(x: jax.Array, axis: int = -1) -> jax.Array:
-    """Keeps each position's maximum along ``axis`` (value, not 1) and zeroes the rest."""
+    """Keeps each position's maximum along ``axis`` (value, not 1) and zeroes the rest; every
+    entry of an exact tie is kept, like the reference's ``max_onehot``. The barrier makes the
+    maximum and the comparison read one computed ``x``: under ``jit`` XLA may otherwise
+    recompute ``x`` inside each fusion with other rounding, and ``x == max`` can then miss
+    (the failure ``heads.max_to_argmax`` documents for the GCI)."""
+    x = jax.lax.optimization_barrier(x)
     return jnp.where(x == jnp.max(x, axis=axis, keepdims=True), x, 0.0)
 
 
