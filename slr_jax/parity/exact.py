@@ -32,12 +32,17 @@ FLOAT64_TIE_EPS = 1e-12
 def run_float64(repo: str, setting: str, crop: int, batch: int, seed: int, with_grads: bool):
     """The parity report with both sides in float64; every check row judged at FLOAT64_TOL.
 
-    Turns on ``jax_enable_x64`` for the rest of the process (the CLI's own)."""
+    ``jax_enable_x64`` is on while it runs and as before afterwards (a process that goes on,
+    such as a test session, keeps its float32 defaults and random draws)."""
+    with jax.enable_x64(True):
+        return _run_float64(repo, setting, crop, batch, seed, with_grads)
+
+
+def _run_float64(repo: str, setting: str, crop: int, batch: int, seed: int, with_grads: bool):
     import torch
 
     from slr_jax.parity import runner
 
-    jax.config.update("jax_enable_x64", True)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     num_classes = num_classes_of(setting)
     net, _ = build_reference(repo, setting, seed, num_classes)
