@@ -110,14 +110,15 @@ class BatchNorm(nn.Module):
         elif self.stat_groups > 1:
             return self._grouped(xs, running_mean, running_var).astype(self.dtype)
         else:
-            mean, var = self._batch_statistics(xs, tuple(range(x.ndim - 1)))
+            mean, var = self._batch_statistics(xs, tuple(range(x.ndim - 1)), keepdims=False)
             self._update_running(running_mean, running_var, mean, var, x.size // channels)
         return self._normalise(xs, mean, var).astype(self.dtype)
 
-    def _batch_statistics(self, xs: jax.Array, axes: tuple[int, ...]):
-        """Mean and biased variance over ``axes`` (two passes), keeping the channel axis."""
-        mean = jnp.mean(xs, axis=axes, keepdims=len(axes) < xs.ndim - 1)
-        return mean, jnp.mean(jnp.square(xs - mean), axis=axes, keepdims=len(axes) < xs.ndim - 1)
+    @staticmethod
+    def _batch_statistics(xs: jax.Array, axes: tuple[int, ...], keepdims: bool):
+        """Mean and biased variance over ``axes``, in two passes (mean, then squared deviation)."""
+        mean = jnp.mean(xs, axis=axes, keepdims=keepdims)
+        return mean, jnp.mean(jnp.square(xs - mean), axis=axes, keepdims=keepdims)
 
     def _update_running(self, running_mean, running_var, mean, var, count: int) -> None:
         if self.is_initializing():
@@ -135,7 +136,9 @@ class BatchNorm(nn.Module):
                 f"BatchNorm stat_groups={groups} does not divide the batch of {xs.shape[0]}"
             )
         grouped = xs.reshape((groups, xs.shape[0] // groups) + xs.shape[1:])
-        mean, var = self._batch_statistics(grouped, tuple(range(1, grouped.ndim - 1)))
+        mean, var = self._batch_statistics(
+            grouped, tuple(range(1, grouped.ndim - 1)), keepdims=True
+        )
         count = grouped[0].size // channels
         self._update_running(
             running_mean, running_var, mean[0].reshape(-1), var[0].reshape(-1), count
