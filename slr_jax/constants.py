@@ -159,3 +159,7 @@ def voc_palette() -> list[int]:
 # ``config.model.dtype`` values: the computation dtype (parameters stay float32). float64 needs
 # 64-bit JAX (``JAX_ENABLE_X64=1``) and serves exact comparisons with the reference.
 COMPUTE_DTYPES = ("float32", "bfloat16", "float64")
+
+# ``config.test.resize`` (how inference scales a photograph) and ``config.test.bucket_pad``.
+RESIZE_METHODS = ("pil_bicubic", "align_corners")
+BUCKET_PAD_MODES = ("constant", "edge", "reflect", "symmetric")

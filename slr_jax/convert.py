@@ -40,7 +40,8 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from slr_jax.checkpoint import CheckpointError, save_variables
+from slr_jax import cli
+from slr_jax.checkpoint import CheckpointError, is_variables_checkpoint, save_variables
 
 # Buffers of the reference that are constants of the algorithm, not learned state.
 IGNORED_KEY_SUFFIXES = ("num_batches_tracked",)
@@ -283,7 +284,7 @@ def looks_like_backbone_file(state_dict: Mapping) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m slr_jax.convert", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument(
@@ -304,20 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch
     except ImportError:
-        print(
-            "slr_jax.convert needs PyTorch to read .pth files: pip install torch", file=sys.stderr
-        )
-        return 2
+        raise CheckpointError(
+            "slr_jax.convert needs PyTorch to read .pth files: pip install torch"
+        ) from None
     from slr_jax.models import SLRNet, init_variables, variable_shapes
 
-    try:
-        checkpoint = torch.load(args.torch, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        print(f"no such file: {args.torch}", file=sys.stderr)
-        return 2
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
-        print(f"cannot read {args.torch} as a PyTorch checkpoint: {e}", file=sys.stderr)
-        return 2
+    checkpoint = _read_torch_file(torch, args.torch)
     if args.setting in TORCHVISION_RESNETS:
         return _write_torchvision_resnet(checkpoint, args)
     setting = SETTINGS[args.setting]
@@ -334,11 +327,10 @@ def main(argv: list[str] | None = None) -> int:
             variables = convert_checkpoint(state, variable_shapes(model))
             source = "reference_checkpoint"
     except CheckpointError as e:
-        print(str(e), file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 1
     meta = dict(setting, width=model.width, source=source, torch_file=str(args.torch))
-    path = save_variables(args.out, variables, meta)
-    print(f"wrote {source} weights ({args.setting}) to {path}")
+    _save(args.out, variables, meta, f"{source} weights ({args.setting})")
     return 0
 
 
@@ -348,7 +340,7 @@ def _write_torchvision_resnet(checkpoint: Any, args: argparse.Namespace) -> int:
     try:
         variables = convert_torchvision_resnet(checkpoint, **setting)
     except CheckpointError as e:
-        print(str(e), file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 1
     meta = dict(
         setting,
@@ -356,15 +348,51 @@ def _write_torchvision_resnet(checkpoint: Any, args: argparse.Namespace) -> int:
         source=f"imagenet_{args.setting}",
         torch_file=str(args.torch),
     )
-    path = save_variables(args.out, variables, meta)
-    print(f"wrote imagenet_{args.setting} weights to {path}")
+    _save(args.out, variables, meta, f"imagenet_{args.setting} weights")
     return 0
 
 
-if __name__ == "__main__":
-    from slr_jax.errors import SlrJaxError
+def _save(out: str, variables: Any, meta: dict, what: str) -> None:
+    """Writes the variables checkpoint and says whether it replaced one already in ``out``."""
+    replaced = is_variables_checkpoint(out)
+    path = save_variables(out, variables, meta)
+    if replaced:
+        print(f"replaced the checkpoint in {path} with {what} (the old one is gone)")
+    else:
+        print(f"wrote {what} to {path}")
 
+
+# What a PyTorch file starts with: a zip archive (torch.save since 1.6) or a pickle (older).
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _read_torch_file(torch: Any, path: str) -> Any:
+    """``torch.load`` of ``path`` (tensors only, never code), or one CheckpointError naming
+    the file and why it is not a PyTorch checkpoint."""
     try:
-        sys.exit(main())
-    except SlrJaxError as error:
-        sys.exit(f"error: {error}")
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+    except FileNotFoundError:
+        raise CheckpointError(f"--torch {path}: no such file.") from None
+    except OSError as error:
+        raise CheckpointError(f"--torch {path} cannot be read ({error.strerror}).") from None
+    if not head.startswith(_TORCH_MAGIC):
+        raise CheckpointError(
+            f"--torch {path} is not a PyTorch checkpoint (such a file is a zip archive or a "
+            f"pickle; this one starts with {head!r}): pass the .pth file torch.save wrote."
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    # A damaged or foreign file raises many error types; the first line says which.
+    except Exception as error:  # noqa: BLE001
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(
+            f"--torch {path} cannot be read as a PyTorch checkpoint of tensors "
+            f"({type(error).__name__}: {reason}); pass the .pth file of the weights."
+        ) from None
+
+
+if __name__ == "__main__":
+    from slr_jax.cli import run_cli
+
+    run_cli(main)

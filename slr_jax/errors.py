@@ -1,8 +1,8 @@
 """The errors slr_jax raises for a user's mistake or a broken input.
 
-Each names the culprit and what to do in its message. Entry points (``python -m slr_jax.main``,
-``slr_jax.infer``, ``slr_jax.convert``, ``slr_jax.data.build``) print such an error as one line
-and exit non-zero; anything else is a bug and keeps its traceback.
+Each names the culprit and what to do in its message. Every entry point runs through
+``slr_jax.cli.run_cli``, which prints such an error as one ``error:`` line and exits with its
+``exit_code``; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -10,6 +10,14 @@ from __future__ import annotations
 
 class SlrJaxError(Exception):
     """Base of every error caused by the user's config, files or command line."""
+
+    exit_code = 1
+
+
+class FlagError(SlrJaxError, ValueError):
+    """A command-line flag is unknown, missing or malformed (exit status 2)."""
+
+    exit_code = 2
 
 
 class ConfigError(SlrJaxError, ValueError):
@@ -38,6 +46,10 @@ class TrainingError(SlrJaxError, RuntimeError):
 
 class PretrainError(SlrJaxError, RuntimeError):
     """Backbone pretraining cannot run or went wrong (bad settings, non-finite loss)."""
+
+
+class StorageError(SlrJaxError, RuntimeError):
+    """A folder cannot be written: the disk is full, read-only or not the user's."""
 
 
 class Preempted(Exception):  # noqa: N818 - a signal to stop, not an error of the user's

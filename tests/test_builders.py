@@ -235,14 +235,14 @@ def test_build_command_builds_array_record_and_refuses_bad_input(tmp_path, capsy
 
     (voc_root / "ImageSets" / "Segmentation" / "val.txt").write_text("")
     empty = ["voc_sbd", "--manual_dir", str(manual_dir), "--data_dir", str(tmp_path / "d2")]
-    assert build_cli.main(empty) == 2
+    assert build_cli.main(empty) == 1
     assert "split(s) ['val'] have no examples" in capsys.readouterr().err
-    assert build_cli.main(["voc_sbd", "--data_dir", str(tmp_path / "d3")]) == 2
+    assert build_cli.main(["voc_sbd", "--data_dir", str(tmp_path / "d3")]) == 1
     assert "--manual_dir" in capsys.readouterr().err
     missing = ["coco_seg", "--manual_dir", str(tmp_path / "nope"), "--data_dir", str(tmp_path)]
-    assert build_cli.main(missing) == 2
+    assert build_cli.main(missing) == 1
     assert "does not exist" in capsys.readouterr().err
-    assert build_cli.main(["voc"]) == 2
+    assert build_cli.main(["voc"]) == 1
     assert "unknown dataset 'voc'" in capsys.readouterr().err
 
 

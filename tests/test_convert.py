@@ -224,6 +224,9 @@ def test_cli_writes_orbax_checkpoint_readable_by_slr_jax(tmp_path, tiny_settings
     assert meta["variant"] == "semi_wo_cls" and meta["num_classes"] == 21
     assert meta["width"] == WIDTH and meta["source"] == "reference_checkpoint"
     assert meta["torch_file"] == str(pth)
+    # Converting again to the same folder says that it replaced the checkpoint there.
+    rc = convert.main(["--torch", str(pth), "--out", str(out), "--setting", "semi_wo_cls"])
+    assert rc == 0 and f"replaced the checkpoint in {out}" in capsys.readouterr().out
 
 
 def test_cli_backbone_file_keeps_initialised_heads(tmp_path, tiny_settings, monkeypatch, capsys):
@@ -254,13 +257,20 @@ def test_cli_backbone_file_keeps_initialised_heads(tmp_path, tiny_settings, monk
 
 
 def test_cli_reports_bad_files(tmp_path, tiny_settings, capsys):
+    """One error naming the file (python -m slr_jax.convert prints it as one line, exit 1:
+    tests/test_cli_errors.py); a text file is not sent through torch.load at all."""
     out = tmp_path / "out"
-    assert convert.main(["--torch", str(tmp_path / "nope.pth"), "--out", str(out)]) == 2
-    assert "no such file" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="nope.pth: no such file"):
+        convert.main(["--torch", str(tmp_path / "nope.pth"), "--out", str(out)])
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a torch file")
-    assert convert.main(["--torch", str(garbage), "--out", str(out)]) == 2
-    assert "cannot read" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="is not a PyTorch checkpoint") as error:
+        convert.main(["--torch", str(garbage), "--out", str(out)])
+    assert "weights_only" not in str(error.value)
+    damaged = tmp_path / "damaged.pth"
+    damaged.write_bytes(b"PK\x03\x04 a zip archive cut short")
+    with pytest.raises(CheckpointError, match="cannot be read as a PyTorch checkpoint"):
+        convert.main(["--torch", str(damaged), "--out", str(out)])
     _, coco_sd = tiny_state_dict("coco", seed=11)
     coco = tmp_path / "coco.pth"
     torch.save({"state_dict": coco_sd}, coco)

@@ -1,8 +1,7 @@
 """``python -m slr_jax.bench``: see the package docstring and ``cli.main``."""
 
-import sys
-
 from slr_jax.bench.cli import main
+from slr_jax.cli import run_cli
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

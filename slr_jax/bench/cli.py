@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from slr_jax import cli
 from slr_jax.bench.configfile import DEFAULT_CONFIG, BenchError, _split_overrides
 from slr_jax.bench.report import format_report
 from slr_jax.bench.runner import run
@@ -20,7 +21,7 @@ DESCRIPTION = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m slr_jax.bench",
         description=DESCRIPTION,
         epilog="Config keys can be overridden as in slr_jax.main: --config.model.width=0.25",

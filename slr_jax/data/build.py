@@ -12,10 +12,10 @@ builder expects in ``manual_dir``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
+from slr_jax import cli
 from slr_jax.data.voc import DataError
 
 BUILDERS = ("voc_sbd", "coco_seg", "synthetic_shapes")
@@ -45,15 +45,40 @@ def prepare(name: str, data_dir: str = "", manual_dir: str = ""):
         if not os.path.isdir(os.path.expanduser(manual_dir)) and "://" not in manual_dir:
             raise DataError(f"manual_dir {manual_dir!r} does not exist or is not a folder.")
     config = tfds.download.DownloadConfig(manual_dir=manual_dir or None)
+    before = _folders(builder.data_dir_root)
     try:
         builder.download_and_prepare(download_config=config, file_format="array_record")
     except AssertionError as error:  # tfds' own check, e.g. a split that yielded nothing
-        raise DataError(f"building {name} failed: {error}") from None
+        _remove_new_empty_folders(builder.data_dir_root, before)
+        first = (str(error).strip().splitlines() or [""])[0].split(". ")[0].rstrip(".:")
+        raise DataError(
+            f"building {name} failed: {first}; docs/data.md lists the files it needs."
+        ) from None
+    except BaseException:
+        _remove_new_empty_folders(builder.data_dir_root, before)
+        raise
     return builder
 
 
+def _folders(root: str) -> set[str]:
+    """Every folder under ``root`` (local paths; none for gs://)."""
+    if "://" in str(root) or not os.path.isdir(root):
+        return set()
+    return {dirpath for dirpath, _, _ in os.walk(root)}
+
+
+def _remove_new_empty_folders(root: str, before: set[str]) -> None:
+    """Removes the folders a failed build created and left empty (deepest first), and
+    ``root`` itself when the build created it; never a folder that holds a file."""
+    root = str(root)
+    created = sorted(_folders(root) - before, key=len, reverse=True)
+    for folder in created:
+        if not os.listdir(folder):
+            os.rmdir(folder)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m slr_jax.data.build", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("name", help=f"one of {', '.join(BUILDERS)} (optionally NAME/CONFIG)")
@@ -64,11 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         builder = prepare(args.name, args.data_dir, args.manual_dir)
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return cli.EXIT_USER_ERROR
     splits = ", ".join(f"{k} {v.num_examples}" for k, v in sorted(builder.info.splits.items()))
     print(f"{builder.info.full_name} in {builder.data_dir}: {splits}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_cli(main)

@@ -18,14 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from slr_jax.constants import IMAGENET_MEAN, IMAGENET_STD
+from slr_jax.constants import BUCKET_PAD_MODES, IMAGENET_MEAN, IMAGENET_STD, RESIZE_METHODS
 from slr_jax.data.images import to_rgb_array
 from slr_jax.errors import InferenceError
 from slr_jax.ops import resize_bilinear_align_corners
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
-RESIZE_METHODS = ("pil_bicubic", "align_corners")
-BUCKET_PAD_MODES = ("constant", "edge", "reflect", "symmetric")
 # The largest photograph inference takes (pixels): 2048 x 2048. Bigger ones are refused with a
 # message; the multi-scale views (up to 2x per side) of such an image are already 16.8 MP.
 MAX_IMAGE_PIXELS = 2048 * 2048

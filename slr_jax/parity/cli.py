@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from slr_jax import cli
 from slr_jax.parity.exact import run_float64
 from slr_jax.parity.report import format_table, merge_seed_reports
 from slr_jax.parity.runner import run
@@ -15,7 +16,7 @@ DESCRIPTION = "Numerical parity with the official PyTorch SLRNet, from a checkou
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m slr_jax.parity", description=DESCRIPTION)
+    parser = cli.ArgumentParser(prog="python -m slr_jax.parity", description=DESCRIPTION)
     parser.add_argument(
         "--reference-repo", required=True, help="checkout of github.com/DesertsP/SLRNet"
     )
