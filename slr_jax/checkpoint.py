@@ -13,9 +13,11 @@ Two kinds of folder, local or ``gs://``:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import sys
 from typing import Any
 
 import jax
@@ -26,7 +28,8 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from slr_jax.errors import CheckpointError
+from slr_jax.cli import EXIT_INTERRUPTED, free_space, storage_cause
+from slr_jax.errors import CheckpointError, StorageError
 
 METADATA_FILE = "slr_jax_metadata.json"
 VARIABLES_DIR = "variables"
@@ -55,10 +58,14 @@ def save_variables(directory: str | os.PathLike, variables: Any, metadata: dict)
             ckptr.save(directory / VARIABLES_DIR, tree, force=True)
             ckptr.wait_until_finished()
         (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
-    except OSError as error:
+    except Exception as error:
+        cause = storage_cause(error)
+        if cause is None and not isinstance(error, OSError):
+            raise
+        reason = f"{cause.strerror}; {free_space(os.fspath(directory))}" if cause else None
         raise CheckpointError(
-            f"cannot write the checkpoint to {directory} ({_first_line(error)}); choose a folder "
-            "you can write to."
+            f"cannot write the checkpoint to {directory} ({reason or _first_line(error)}); "
+            "choose a folder you can write to."
         ) from None
     return directory
 
@@ -98,8 +105,8 @@ def check_tree_shapes(
 ) -> None:
     """Raises one CheckpointError counting the missing, unexpected and wrong-shaped leaves and
     listing the first ``shown`` of them."""
-    exp = {jax.tree_util.keystr(k): np.shape(v) for k, v in _flatten(expected)}
-    got = {jax.tree_util.keystr(k): np.shape(v) for k, v in _flatten(actual)}
+    exp = {jax.tree_util.keystr(k): _shape(v) for k, v in _flatten(expected)}
+    got = {jax.tree_util.keystr(k): _shape(v) for k, v in _flatten(actual)}
     missing = sorted(set(exp) - set(got))
     unexpected = sorted(set(got) - set(exp))
     wrong = sorted(k for k in set(exp) & set(got) if exp[k] != got[k])
@@ -113,6 +120,12 @@ def check_tree_shapes(
         )
         more = [f"  ... and {len(lines) - shown} more"] if len(lines) > shown else []
         raise CheckpointError("\n".join([head, *lines[:shown], *more]))
+
+
+def _shape(leaf: Any) -> tuple:
+    """A leaf's shape: arrays, ShapeDtypeStructs and Orbax's stored-array metadata."""
+    shape = getattr(leaf, "shape", None)
+    return tuple(shape) if shape is not None else np.shape(leaf)
 
 
 def _flatten(tree: Any):
@@ -149,28 +162,44 @@ def load_initial_weights(variables: dict, path: str) -> dict:
 
 
 class Preemption:
-    """Turns SIGTERM into a flag a training loop polls (save, then stop), as TPU preemption
-    needs; the previous handler comes back on exit."""
+    """Turns SIGTERM and Ctrl-C (SIGINT) into a flag a training loop polls (save, then stop),
+    as TPU preemption needs; a second Ctrl-C exits at once (status 130, nothing more saved).
+    The previous handlers come back on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous: dict = {}
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. inside a test runner thread)
-            self._previous = None
+        for signum in self.SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a test runner thread)
+                pass
         return self
 
     def _handle(self, signum, frame):
-        del signum, frame
-        logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+        del frame
+        if signum == signal.SIGINT and self.requested:
+            print(
+                "error: interrupted again (Ctrl-C): stopped at once; the checkpoints already "
+                "written are intact, rerun the same command to resume from the newest.",
+                file=sys.stderr, flush=True,
+            )  # fmt: skip
+            os._exit(EXIT_INTERRUPTED)  # at once: no cleanup may block the second Ctrl-C
+        name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        logging.warning(
+            "%s received: saving a checkpoint after this step and stopping (Ctrl-C again stops "
+            "at once).", name,
+        )  # fmt: skip
         self.requested = True
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            if previous is not None:  # None: a handler not installed from Python
+                signal.signal(signum, previous)
 
 
 # ----------------------------------------------------------------------------- training workdirs
@@ -213,24 +242,39 @@ class TrainCheckpoints:
         step = int(jax.device_get(state.step))
         if step in self.latest.all_steps():
             return
-        self.latest.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(self._items(state)), extra=ocp.args.JsonSave(extra)
-            ),
-            force=force,
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(self._items(state)), extra=ocp.args.JsonSave(extra)
         )
+        with self._storage_guard(self.latest, "state"):
+            self.latest.save(step, args=args, force=force)
 
     def save_best(self, state: Any, miou: float, extra: dict) -> None:
         step = int(jax.device_get(state.step))
         variables = {"params": state.params, "batch_stats": state.batch_stats}
-        self.best.save(
-            step,
-            args=ocp.args.Composite(
-                variables=ocp.args.StandardSave(variables), extra=ocp.args.JsonSave(extra)
-            ),
-            metrics={"miou": float(miou)},
+        args = ocp.args.Composite(
+            variables=ocp.args.StandardSave(variables), extra=ocp.args.JsonSave(extra)
         )
+        with self._storage_guard(self.best, "variables"):
+            self.best.save(step, args=args, metrics={"miou": float(miou)})
+
+    @contextlib.contextmanager
+    def _storage_guard(self, manager: ocp.CheckpointManager, item: str):
+        """A full disk or a permission error (also one raised by an earlier asynchronous save)
+        becomes one StorageError naming the folder, the free space and the newest checkpoint,
+        which is read back first to confirm it is intact."""
+        try:
+            yield
+        except Exception as error:
+            cause = storage_cause(error)
+            if cause is None:
+                raise
+            logging.warning("checkpoint save in %s failed", manager.directory, exc_info=True)
+            _remove_partial_saves(manager.directory)
+            raise StorageError(
+                f"cannot write a checkpoint to {manager.directory} ({cause.strerror}; "
+                f"{free_space(os.fspath(manager.directory))}); {_newest_intact(manager, item)}. "
+                "Free space there (or fix its permissions), then rerun the same command to resume."
+            ) from None
 
     def restore_latest(self, state: Any, mesh: Mesh) -> tuple[Any, dict] | None:
         """The newest intact checkpoint laid onto ``state``'s structure, replicated on ``mesh``
@@ -250,6 +294,7 @@ class TrainCheckpoints:
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()
         )
+        self._check_stored_shapes(target)
         found = restore_newest_intact(self.latest, args)
         if found is None:
             return None
@@ -257,6 +302,32 @@ class TrainCheckpoints:
         for step in damaged:
             self._set_aside(step)
         return state.replace(**restored["state"]), dict(restored["extra"] or {})
+
+    def _check_stored_shapes(self, target: dict) -> None:
+        """Raises one CheckpointError when the newest step's stored variables have other shapes
+        than ``target``'s: the network changed (a config change), the files are not damaged.
+        A step whose metadata cannot be read is left to the damaged-step fallback."""
+        steps = self.latest.all_steps()
+        if not steps:
+            return
+        try:
+            with ocp.StandardCheckpointer() as reader:
+                stored = reader.metadata(self.latest.directory / str(max(steps)) / "state")
+            stored = stored.item_metadata
+            stored = {k: stored[k] for k in ("params", "batch_stats")}
+        except Exception:  # noqa: BLE001 - unreadable: the fallback tries older steps
+            return
+        try:
+            check_tree_shapes({k: target[k] for k in stored}, stored, "stored")
+        except CheckpointError as error:
+            head, first = (str(error).splitlines() + [""])[:2]
+            counts = head[head.find("(") + 1 : head.rfind(")")]
+            raise CheckpointError(
+                f"the checkpoints in {self.latest.directory} are intact but were written by "
+                f"another network ({counts}; e.g. {first.strip()}). The config changed since "
+                f"they were written (compare with {self.latest.directory.parent}/{CONFIG_FILE}):"
+                " resume with the run's config, or start a new --workdir."
+            ) from None
 
     def _set_aside(self, step: int) -> None:
         """Moves a damaged step out of ``checkpoints/`` (kept for inspection, never deleted),
@@ -275,12 +346,43 @@ class TrainCheckpoints:
         return self.latest.reached_preemption(step)
 
     def wait(self) -> None:
-        self.latest.wait_until_finished()
-        self.best.wait_until_finished()
+        with self._storage_guard(self.latest, "state"):
+            self.latest.wait_until_finished()
+        with self._storage_guard(self.best, "variables"):
+            self.best.wait_until_finished()
 
     def close(self) -> None:
-        self.latest.close()
-        self.best.close()
+        """Closes both managers; a failed save that :meth:`wait` already reported is only
+        logged here, so that it does not hide the error being raised."""
+        for manager in (self.latest, self.best):
+            try:
+                manager.close()
+            except Exception:  # noqa: BLE001 - reported by wait/save; see the log
+                logging.warning("closing %s", manager.directory, exc_info=True)
+
+
+def _remove_partial_saves(directory: epath.Path) -> None:
+    """Deletes the temporary folders of saves that failed (never a committed step), so that the
+    space they hold comes back."""
+    if jax.process_index() != 0:
+        return
+    for path in directory.iterdir():
+        if ".orbax-checkpoint-tmp" in path.name:
+            path.rmtree(missing_ok=True)
+
+
+def _newest_intact(manager: ocp.CheckpointManager, item: str) -> str:
+    """'the checkpoint of step N in DIR is intact' after reading back the metadata of its
+    arrays, for the newest step of ``manager`` that reads back."""
+    manager.reload()
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            with ocp.StandardCheckpointer() as reader:
+                reader.metadata(manager.directory / str(step) / item)
+        except Exception:  # noqa: BLE001 - any failure: not intact, try an older step
+            continue
+        return f"the checkpoint of step {step} in {manager.directory} is intact"
+    return f"{manager.directory} holds no intact checkpoint yet"
 
 
 def _first_line(error: BaseException) -> str:

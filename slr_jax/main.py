@@ -15,11 +15,15 @@ checkpoint written by ``python -m slr_jax.convert``. For evaluate/infer without 
 the settings are the checkpoint's own (``slr_jax.config.config_for_checkpoint``); overrides
 such as ``--config.test.use_crf=True`` apply to them.
 
-Exit status: 0 when the run finished, 1 for a user error (one line on stderr naming the
-culprit; ``--debug`` shows the traceback) and for evaluate/infer runs that skipped unreadable
-images (every readable one is processed; the skipped ones are listed), 2 for bad flags, and
-:data:`EXIT_PREEMPTED` when training stopped on SIGTERM after saving a checkpoint (rerun the
-same command to resume).
+Exit status (``slr_jax.cli``): 0 when the run finished, 1 for a user error (one line on stderr
+naming the culprit; ``--debug`` shows the traceback) and for evaluate/infer runs that skipped
+unreadable images (every readable one is processed; the skipped ones are listed), 2 for bad
+flags, :data:`EXIT_PREEMPTED` when training stopped on SIGTERM or Ctrl-C after saving a
+checkpoint (rerun the same command to resume), 130 for an interrupt that could not save.
+
+Training takes the workdir's lock (``slr_jax.workdir_lock``) and, on resume, refuses a config
+that changes the network or the data unless ``--allow_config_change`` names the keys
+(``slr_jax.resume``); both are described in docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -27,18 +31,17 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import traceback
 from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from slr_jax import _REPO_ROOT
-from slr_jax.errors import ConfigError, SlrJaxError
+from slr_jax import _REPO_ROOT, cli
+from slr_jax.errors import ConfigError, FlagError
 
 MODES = ("train", "evaluate", "infer")
-# Exit status of a training run stopped by SIGTERM (preemption) after saving: EX_TEMPFAIL, "try
-# again", so that a scheduler can tell it from a finished run (0) and from a failure (1).
-EXIT_PREEMPTED = 75
+EXIT_PREEMPTED = cli.EXIT_PREEMPTED
 COMMON_CONFIG = os.path.join(_REPO_ROOT, "configs", "common.py")
 
 # config_flags reads ``--config.KEY=...`` overrides from sys.argv when the flag is defined or
@@ -80,6 +83,12 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ("auto", "on", "off"), "call jax.distributed.initialize()"
 )
 _DEBUG = flags.DEFINE_bool("debug", False, "show the traceback of user errors")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_list(
+    "allow_config_change",
+    [],
+    "train: config keys (KEY,KEY) a resumed run may change although they define the network, "
+    "the data or the objective (docs/scaling.md)",
+)
 
 
 def _config_given() -> bool:
@@ -181,17 +190,35 @@ def check_workdir(workdir: str | None) -> None:
         raise ConfigError(f"cannot create --workdir {workdir} ({error.strerror}).") from None
 
 
+def training_log(workdir: str) -> str:
+    """The log file of this process: ``WORKDIR/train.log`` (process i > 0: ``train.i.log``);
+    for a gs:// workdir, the same name in a local temporary folder."""
+    import tempfile
+
+    import jax
+
+    index = jax.process_index()
+    name = "train.log" if index == 0 else f"train.{index}.log"
+    folder = workdir if "://" not in workdir else os.path.join(tempfile.gettempdir(), "slr_jax")
+    return os.path.join(folder, name)
+
+
 def run_train(config: Any) -> int:
     """Trains in ``--workdir``; returns the exit status (0, or :data:`EXIT_PREEMPTED`)."""
-    from slr_jax import stage2
+    from slr_jax import resume, stage2, workdir_lock
     from slr_jax.errors import Preempted
     from slr_jax.train import train_and_evaluate
 
     check_workdir(_WORKDIR.value)
-    enable_compilation_cache(config, _WORKDIR.value)
+    resume.check_allowed_keys(_ALLOW_CONFIG_CHANGE.value)
     try:
-        config = stage2.prepare(config, _WORKDIR.value)  # pseudo labels of a first stage
-        result = train_and_evaluate(config, _WORKDIR.value)
+        with workdir_lock.hold(_WORKDIR.value):
+            cli.log_to_file(training_log(_WORKDIR.value))
+            enable_compilation_cache(config, _WORKDIR.value)
+            config = stage2.prepare(config, _WORKDIR.value)  # pseudo labels of a first stage
+            result = train_and_evaluate(
+                config, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value
+            )
     except Preempted:
         result = {"preempted": True, "step": 0}
     if result["preempted"]:
@@ -213,40 +240,62 @@ def run_train(config: Any) -> int:
 
 
 def main(argv: list[str], default_mode: str = "train") -> None:
+    """absl's main: runs the mode under :func:`slr_jax.cli.run_cli` (one line per user error)."""
+    cli.run_cli(functools.partial(_main, argv, default_mode), debug=_DEBUG.value)
+
+
+def _main(argv: list[str], default_mode: str) -> int:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+        raise FlagError(f"unexpected arguments {argv[1:]} (see --help)")
     from slr_jax.config import validate_config
     from slr_jax.sharding import maybe_initialize_distributed
 
     mode = _MODE.value if flags.FLAGS["mode"].present else default_mode
-    try:
-        config = resolve_config(mode)
-        validate_config(config, mode)
-        maybe_initialize_distributed(_DISTRIBUTED.value)
-        if mode == "train":
-            status = run_train(config)
-        else:
-            status = 1 if run_evaluate_or_infer(config, mode)["failed"] else 0
-    except SlrJaxError as error:
-        if _DEBUG.value:
-            raise
-        logging.flush()
-        sys.exit(f"error: {error}")
-    if status:
-        sys.exit(status)
+    config = resolve_config(mode)
+    validate_config(config, mode)
+    maybe_initialize_distributed(_DISTRIBUTED.value)
+    if mode == "train":
+        return run_train(config)
+    return 1 if run_evaluate_or_infer(config, mode)["failed"] else 0
+
+
+def _config_file_error(error: BaseException) -> str:
+    """One line for a config file that raised while loading (syntax error, bad code)."""
+    args = sys.argv[1:]
+    name = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
+    if name is None and "--config" in args[:-1]:
+        name = args[args.index("--config") + 1]
+    name = name or "(configs/common.py)"
+    if isinstance(error, SyntaxError):
+        where = f"line {error.lineno}: {error.msg}"
+    else:
+        frames = traceback.extract_tb(error.__traceback__)
+        mine = [f for f in frames if os.path.abspath(f.filename) == os.path.abspath(name)]
+        line = f"line {mine[-1].lineno}: " if mine else ""
+        where = f"{line}{type(error).__name__}: {_first_line(error)}"
+    return f"--config {name} cannot be loaded ({where}); fix the file."
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with a bad flag reported as one line (exit status 2)."""
+    """absl's flag parsing, with a bad flag reported as one line (exit status 2) and a config
+    file that cannot be loaded as one line (exit status 1)."""
     try:
         remaining = flags.FLAGS(argv)
     except flags.Error as error:
         message = _STARTUP_ERRORS[0] if _STARTUP_ERRORS else f"{error} (see --help)"
-        sys.exit(print(f"error: {message}", file=sys.stderr) or 2)
+        sys.exit(print(f"error: {message}", file=sys.stderr) or cli.EXIT_BAD_FLAGS)
     except (AttributeError, KeyError) as error:  # config_flags: an override of no config key
         _STARTUP_ERRORS.append(_unknown_key_message(error))
+    except Exception as error:  # noqa: BLE001 - the user's config file raised while loading
+        print(f"error: {_config_file_error(error)}", file=sys.stderr)
+        sys.exit(cli.EXIT_USER_ERROR)
     if _STARTUP_ERRORS:
-        sys.exit(print(f"error: {_STARTUP_ERRORS[0]}", file=sys.stderr) or 2)
+        sys.exit(print(f"error: {_STARTUP_ERRORS[0]}", file=sys.stderr) or cli.EXIT_BAD_FLAGS)
     return remaining
 
 

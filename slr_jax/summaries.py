@@ -76,3 +76,25 @@ def write_images(
     panel = np.concatenate([raw, overlay(cam), overlay(refined), overlay(pseudo_labels)], axis=1)
     writer.image("train/image_cam_refined_pseudo", panel, step)
     writer.flush()
+
+
+def truncate_metrics(workdir: str, step: int) -> None:
+    """Drops the ``metrics.jsonl`` lines of steps after ``step`` (a run resumed from an older
+    checkpoint logs those steps again), so each step appears once."""
+    path = epath.Path(workdir) / METRICS_FILE
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if _logged_step(line) <= step]
+    if len(kept) < len(lines):
+        staging = path.parent / (METRICS_FILE + ".tmp")
+        staging.write_text("".join(kept))
+        staging.replace(path)
+        logging.info("dropped %d lines after step %d from %s", len(lines) - len(kept), step, path)
+
+
+def _logged_step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62  # a line cut short by a crash: dropped, the step is logged again

@@ -21,7 +21,7 @@ import functools
 import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax
@@ -35,7 +35,7 @@ from flax.training import train_state
 from jax.sharding import Mesh
 
 from slr_jax import checkpoint as checkpoint_lib
-from slr_jax import evaluation, optim, pretrain, summaries
+from slr_jax import evaluation, optim, pretrain, resume, summaries
 from slr_jax.errors import Preempted, TrainingError
 from slr_jax.losses import make_objective
 from slr_jax.models import build_model, init_variables
@@ -246,20 +246,28 @@ def _initial_weights(config: Any, workdir: str, mesh: Mesh) -> str:
 
 
 def train_and_evaluate(
-    config: Any, workdir: str, *, train_iterator_fn: Callable[[int], Iterator[Batch]] | None = None
+    config: Any,
+    workdir: str,
+    *,
+    train_iterator_fn: Callable[[int], Iterator[Batch]] | None = None,
+    allow_config_change: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint), evaluates on the
     validation split at the end, and returns ``{'step', 'metrics', 'history', 'eval',
     'preempted'}`` (``history``: the metrics of every logging step).
 
     ``train_iterator_fn(start_position)`` yields this process's NumPy batches from the given
-    position of the global stream (examples consumed: ``step * train.batch_size``); by default
+    position of the global stream (examples consumed, as the checkpoint records it); by default
     the tf.data pipeline of ``config.dataset``, whose stream depends on the seed alone.
+
+    A resumed run must keep the keys that define the network and the data
+    (``slr_jax.resume``) unless they are named in ``allow_config_change``.
     """
     from slr_jax import data as data_lib
 
     workdir = os.fspath(workdir)
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    changes = resume.check_resume(config, workdir, allow_config_change)
     mesh = make_mesh()
     check_batch_size(int(config.train.batch_size), mesh)
     # Every listed training and validation file is checked before any compute is spent.
@@ -278,18 +286,22 @@ def train_and_evaluate(
     )  # fmt: skip
     checkpoints = checkpoint_lib.TrainCheckpoints(workdir, config.checkpoint)
     restored = checkpoints.restore_latest(state, mesh)
+    step = 0
+    position = 0
     if restored is not None:
-        state = restored[0]
-        logging.info("resumed from step %d", int(state.step))
+        state, extra = restored
+        step = int(jax.device_get(state.step))
+        # Recorded, not step * batch_size: the batch size may have changed (allowed on purpose).
+        position = int(extra.get("data_position", step * int(config.train.batch_size)))
+        logging.info("resumed from step %d (example %d of the data stream)", step, position)
     state = jax.device_put(state, replicated(mesh))
     if jax.process_index() == 0:
-        config_text = config.to_json_best_effort(indent=2)
-        (epath.Path(workdir) / checkpoint_lib.CONFIG_FILE).write_text(config_text)
-    position = int(jax.device_get(state.step)) * int(config.train.batch_size)
+        resume.record_start(config, workdir, step, changes)
+        summaries.truncate_metrics(workdir, step)
     if train_iterator_fn is None:
         train_iterator_fn = lambda start: data_lib.train_dataset(config, start_position=start)
     batches = train_iterator_fn(position)
-    loop = TrainLoop(config, workdir, plan, mesh, model, checkpoints)
+    loop = TrainLoop(config, workdir, plan, mesh, model, checkpoints, start=(step, position))
     try:
         return loop.run(
             state, batches, compile_train_step(config, plan, learning_rate_fn, mesh, state)
@@ -304,8 +316,9 @@ class TrainLoop:
     """The step loop of :func:`train_and_evaluate`: steps, logging, images, checkpoints,
     periodic evaluation and preemption."""
 
-    def __init__(self, config, workdir, plan, mesh, model, checkpoints):
+    def __init__(self, config, workdir, plan, mesh, model, checkpoints, start=(0, 0)):
         self.config, self.workdir, self.plan, self.mesh = config, workdir, plan, mesh
+        self.start_step, self.start_position = start
         self.model, self.checkpoints = model, checkpoints
         self.log_every = max(int(config.train.log_every_steps), 1)
         self.eval_every = int(config.train.eval_every_epochs) * plan.steps_per_epoch
@@ -317,8 +330,10 @@ class TrainLoop:
 
     def extra(self, step: int) -> dict:
         """What a checkpoint records beside the state: the position in the global data stream
-        (examples consumed, which the step determines) and the epoch."""
-        position = step * int(self.config.train.batch_size)
+        (examples consumed: the position the run started from, plus this run's batches) and
+        the epoch."""
+        batches = step - self.start_step
+        position = self.start_position + batches * int(self.config.train.batch_size)
         return {"data_position": position, "epoch": step / self.plan.steps_per_epoch}
 
     def run(self, state: TrainState, batches: Iterator[Batch], step_fn) -> dict[str, Any]:

@@ -505,3 +505,118 @@ def test_main_evaluates_and_infers_from_a_training_workdir(full_run, compile_cac
     assert proc.returncode == 0, proc.stderr[-3000:]
     for png in (tmp_path / "inf" / "pred").glob("*.png"):
         assert (tmp_path / "own" / "pred" / png.name).read_bytes() == png.read_bytes()
+
+
+# ----------------------------------------------------------------------------- resuming
+
+
+def _overrides(config) -> list[str]:
+    """``--config.KEY=VALUE`` flags that turn configs/demo.py into ``config``."""
+    from slr_jax.config import flatten_keys
+
+    base, mine = flatten_keys(demo.get_config()), flatten_keys(config)
+    return [f"--config.{k}={v}" for k, v in mine.items() if v != base[k]]
+
+
+def _copy_of_run(full_run, tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+    import shutil
+
+    _, full_workdir, _ = full_run
+    workdir = tmp_path / "workdir"
+    shutil.copytree(full_workdir, workdir)
+    files = {str(p.relative_to(workdir)): p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+    return workdir, files
+
+
+def _unchanged(workdir: Path, files: dict[str, bytes]) -> bool:
+    return all((workdir / name).read_bytes() == data for name, data in files.items())
+
+
+def test_resume_with_a_changed_network_or_setting_stops_with_one_line(full_run, tmp_path):
+    """The real command on a finished run's workdir: another model.width, or another config
+    file (another setting), stops before any work with one line naming each changed key, its
+    old and new value and the ways on; every file of the run stays byte for byte."""
+    config, _, _ = full_run
+    workdir, files = _copy_of_run(full_run, tmp_path)
+    wide = tiny_config(tmp_path)
+    wide.model.width = 0.125
+    for config_file, flags in [
+        ("configs/demo.py", _overrides(wide)),
+        ("configs/demo_semi.py", _overrides(tiny_config(tmp_path))),
+    ]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "slr_jax.main", f"--config={config_file}",
+             f"--workdir={workdir}", *flags],
+            cwd=REPO, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr and "damaged" not in errors[0]
+        expected = "model.width 0.0625 -> 0.125" if "demo.py" in config_file else (
+            "model.variant 'wsss' -> 'semi'")  # fmt: skip
+        assert expected in errors[0], errors[0]
+        assert "--allow_config_change=" in errors[0] and "new --workdir" in errors[0]
+        assert _unchanged(workdir, files)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_allowed_batch_size_change_resumes_at_the_recorded_example(full_run, tmp_path):
+    """A batch-size change named in allow_config_change continues the data stream at the
+    example the checkpoint recorded (step 6 x batch 2 = 12, not 6 x 4); config.json keeps the
+    first config and records the change; metrics.jsonl loses the steps after the restored one
+    instead of holding them twice."""
+    from slr_jax.config import config_for_checkpoint
+
+    workdir, _ = _copy_of_run(full_run, tmp_path)
+    (workdir / "checkpoints" / "8").rename(tmp_path / "step_8_moved_away")  # resume from 6
+    config = tiny_config(tmp_path)
+    config.train.batch_size, config.train.total_steps = 4, 12
+    starts = []
+
+    def recording(start):
+        starts.append(start)
+        raise _Stop
+        yield  # a generator: the loop asks it for the first batch
+
+    with pytest.raises(ConfigError, match=r"train.batch_size 2 -> 4, train.total_steps 0 -> 12"):
+        train.train_and_evaluate(config, workdir, train_iterator_fn=recording)
+    assert starts == []
+    allowed = ("train.batch_size", "train.total_steps")
+    with pytest.raises(_Stop):
+        train.train_and_evaluate(
+            config, workdir, train_iterator_fn=recording, allow_config_change=allowed
+        )
+    assert starts == [12]
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [2, 4, 6]
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["train"]["batch_size"] == 4
+    first, resumed = saved["history"]
+    assert first["step"] == 0 and first["config"]["train"]["batch_size"] == 2
+    assert resumed["step"] == 6 and resumed["changed"]["train.batch_size"] == [2, 4]
+    assert config_for_checkpoint(str(workdir)).train.batch_size == 4
+
+
+def test_checkpoints_of_another_network_are_not_called_damaged(full_run, tmp_path):
+    """Restoring into a wider network (a config change let through) names the shapes and the
+    config, and moves no step aside as damaged."""
+    from types import SimpleNamespace
+
+    from slr_jax.models import build_model, variable_shapes
+
+    workdir, files = _copy_of_run(full_run, tmp_path)
+    wide = tiny_config(tmp_path).model
+    wide.width = 0.125
+    shapes = variable_shapes(build_model(wide))
+    zeros = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+    state = SimpleNamespace(**zeros, opt_state={}, step=np.int32(0), rng=np.zeros(2, np.uint32))
+    checkpoints = checkpoint.TrainCheckpoints(str(workdir), tiny_config(tmp_path).checkpoint)
+    try:
+        with pytest.raises(checkpoint.CheckpointError, match="intact but were written by anoth"):
+            checkpoints.restore_latest(state, train.make_mesh())
+    finally:
+        checkpoints.close()
+    assert not (workdir / "damaged_checkpoints").exists() and _unchanged(workdir, files)
