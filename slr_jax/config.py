@@ -89,7 +89,7 @@ def _real(low: float = 0.0, high: float = float("inf"), *, above: bool = False):
 
 
 def _choice(*choices):
-    return lambda value: None if value in choices else f"must be one of {choices}"
+    return lambda value: None if value in choices else f"not in {choices}"
 
 
 def _bool(value):

@@ -453,7 +453,8 @@ def test_cli_errors_are_one_line(tmp_path):
     output_file = tmp_path / "out.txt"
     output_file.write_text("a file")
     cases = [
-        ((f"--checkpoint={tmp_path / 'nope'}", f"--images={photo}", "--output=o"), "neither"),
+        ((f"--checkpoint={tmp_path / 'nope'}", f"--images={photo}", "--output=o"),
+         f"--checkpoint {tmp_path / 'nope'} does not exist"),
         ((f"--checkpoint={checkpoint}", f"--images={photo}", f"--output={tmp_path / 'o'}",
           "--config.model.width=0.125"), "has model width 0.0625; the config has model width"),
         ((f"--checkpoint={checkpoint}", f"--images={photo}", f"--output={output_file}"),
