@@ -620,3 +620,16 @@ def test_checkpoints_of_another_network_are_not_called_damaged(full_run, tmp_pat
     finally:
         checkpoints.close()
     assert not (workdir / "damaged_checkpoints").exists() and _unchanged(workdir, files)
+
+
+def test_a_stream_resumed_with_another_batch_size_continues_at_the_example(tmp_path):
+    """Position 2 of the stream read with batch 4 gives examples 2..5 of the batch-2 stream:
+    a resumed run with another batch size neither skips nor repeats an example."""
+    from slr_jax import data
+
+    config = tiny_config(tmp_path)
+    stream = data.train_dataset(config)
+    rows = np.concatenate([next(stream)["raw_image"] for _ in range(3)])
+    config.train.batch_size = 4
+    resumed = next(data.train_dataset(config, start_position=2))["raw_image"]
+    np.testing.assert_array_equal(resumed, rows[2:6])

@@ -440,17 +440,18 @@ def example_at(position: int, num_examples: int, seed: int) -> int:
     return int(_epoch_order(seed, epoch, num_examples)[offset])
 
 
-def local_positions(start_batch: int, global_batch: int, process_index: int, process_count: int):
-    """tf.data stream of the global stream positions this process reads: for every global batch
-    b >= ``start_batch``, its rows ``[p * L, (p + 1) * L)`` with L = global_batch / processes."""
+def local_positions(start: int, global_batch: int, process_index: int, process_count: int):
+    """tf.data stream of the global stream positions this process reads: global batch b holds
+    positions ``start + b * global_batch + [0, global_batch)``, of which this process reads
+    rows ``[p * L, (p + 1) * L)`` with L = global_batch / processes."""
     tf = _tf()
     local = global_batch // process_count
-    offset = process_index * local
+    offset = start + process_index * local
 
     def position(i):
         return (i // local) * global_batch + offset + i % local
 
-    return tf.data.Dataset.range(start_batch * local, np.iinfo(np.int64).max).map(position)
+    return tf.data.Dataset.range(0, np.iinfo(np.int64).max).map(position)
 
 
 # Training examples that failed to decode (logged once each).
@@ -502,7 +503,8 @@ def build_train_dataset(
     (seed, q); global batch b is positions ``[b * global_batch, (b + 1) * global_batch)`` and
     process p reads its rows ``p * L ..`` (L = global_batch / process_count), so a run on many
     hosts sees the batches of the same run on one host. ``start_position`` (examples of the
-    global stream already consumed, a multiple of ``global_batch``) resumes the same stream.
+    global stream already consumed, any number: a resumed run may use another batch size)
+    continues the same stream at that example.
     ``augment``: ``scale``, ``ratio``, ``flip_prob``, ``jitter`` of
     ``transforms.train_transform``. ``load_example(example, num_classes, image_labels)``
     decodes one element of ``examples``.
@@ -542,8 +544,7 @@ def build_train_dataset(
         return dict(zip(TRAIN_KEYS, values))
 
     autotune = tf.data.AUTOTUNE
-    start_batch = int(start_position) // global_batch
-    dataset = local_positions(start_batch, global_batch, process_index, process_count)
+    dataset = local_positions(int(start_position), global_batch, process_index, process_count)
     dataset = dataset.map(map_fn, num_parallel_calls=num_parallel_calls or autotune)
     dataset = dataset.batch(global_batch // process_count, drop_remainder=True)
     dataset = dataset.prefetch(prefetch or autotune)
