@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import signal
-import sys
 from typing import Any
 
 import jax
@@ -28,7 +27,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from slr_jax.cli import EXIT_INTERRUPTED, free_space, storage_cause
+from slr_jax.cli import free_space, storage_cause
 from slr_jax.errors import CheckpointError, StorageError
 
 METADATA_FILE = "slr_jax_metadata.json"
@@ -163,8 +162,8 @@ def load_initial_weights(variables: dict, path: str) -> dict:
 
 class Preemption:
     """Turns SIGTERM and Ctrl-C (SIGINT) into a flag a training loop polls (save, then stop),
-    as TPU preemption needs; a second Ctrl-C exits at once (status 130, nothing more saved).
-    The previous handlers come back on exit."""
+    as TPU preemption needs; a second Ctrl-C ends the process at once (killed by SIGINT: status
+    130 in a shell; nothing more saved). The previous handlers come back on exit."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -182,17 +181,14 @@ class Preemption:
 
     def _handle(self, signum, frame):
         del frame
-        if signum == signal.SIGINT and self.requested:
-            print(
-                "error: interrupted again (Ctrl-C): stopped at once; the checkpoints already "
-                "written are intact, rerun the same command to resume from the newest.",
-                file=sys.stderr, flush=True,
-            )  # fmt: skip
-            os._exit(EXIT_INTERRUPTED)  # at once: no cleanup may block the second Ctrl-C
+        if signum == signal.SIGINT:
+            # The kernel's default action for the next one: it ends the process at once, even
+            # inside a long XLA call, where a Python handler would only run after the call.
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
         name = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
         logging.warning(
-            "%s received: saving a checkpoint after this step and stopping (Ctrl-C again stops "
-            "at once).", name,
+            "%s received: saving a checkpoint after this step and stopping; Ctrl-C again stops "
+            "at once without saving (the checkpoints already written stay intact).", name,
         )  # fmt: skip
         self.requested = True
 
