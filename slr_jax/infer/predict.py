@@ -299,8 +299,10 @@ def multiscale_predict_async(
     """:func:`multiscale_predict` without waiting: the views are prepared on the host and the
     device work is dispatched (JAX runs it asynchronously); ``.result()`` collects it.
 
-    With buckets, ``apply_fn`` must upsample (align-corners) class maps computed on a
-    stride-``mask_stride`` grid whose cell i is input pixel ``mask_stride * i`` (SLRNet: 4).
+    Exact padding (``bucket_sizes``) applies when ``apply_fn`` is an SLRNet's ``apply``
+    (:func:`eval_program_group`). With approximate buckets (``bucket_step``), ``apply_fn`` must
+    upsample (align-corners) class maps computed on a stride-``mask_stride`` grid whose cell i
+    is input pixel ``mask_stride * i`` (SLRNet: 4).
     ``rescore`` (SLRNet's single-view ``mode='test'`` with buckets, not ``semi_wo_cls``)
     recomputes the class scores from the masks of the valid grid (:func:`valid_class_scores`),
     so the padding does not enter them. ``device`` None: nothing is committed, everything runs

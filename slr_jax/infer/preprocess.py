@@ -2,9 +2,9 @@
 
 Follows the reference's pre-processing (``tools/infer_voc.py``): every scale ``s`` resizes the
 uint8 photograph with PIL bicubic to ``(round(H*s), round(W*s))`` (NumPy rounding; scale-1
-sizes are not resampled), then ImageNet-normalises it in float64. Size buckets (optional,
-``test.bucket_step``) pad a view at the bottom and right so that views of similar sizes share
-one compiled program.
+sizes are not resampled), then ImageNet-normalises it in float64. Padding (exact, to the
+square ``test.bucket_sizes``, or approximate, ``test.bucket_step``) extends a view at the bottom
+and right so that views of similar sizes share one compiled program (``predict``).
 """
 
 from __future__ import annotations
