@@ -159,9 +159,12 @@ def _test() -> ml_collections.ConfigDict:
     test.use_image_labels = False
     test.resize = "pil_bicubic"
     test.mode = "test"
-    # 0: the reference's exact computation, one compiled program per view size. > 0: views
-    # padded to k * bucket_step + 1 px, one program per size bucket, at a cost in accuracy
-    # that docs/inference.md measures.
+    # Exact padding (SLRNet, mode 'test'): an image whose longer side fits in a size B of this
+    # list is predicted as if padded to B x B, with the reference's numbers (the padding enters
+    # nothing): one compiled program per (B, scale). () = every image size compiles its own.
+    test.bucket_sizes = (64, 128, 256, 512, 1024, 2048)
+    # > 0: the approximate buckets instead (any network, e.g. stage 2's DeepLab): views padded
+    # to k * bucket_step + 1 px and the network sees the padding (docs/inference.md section 7).
     test.bucket_step = 0
     test.bucket_pad = "constant"  # constant (ImageNet mean) | edge | reflect | symmetric
     test.resume = True  # skip images whose outputs this run's settings already wrote

@@ -90,6 +90,8 @@ def test_tiny_run_reports_every_figure(tiny_report):
         assert entry["bytes"] is None or entry["bytes"] >= 0, entry
         assert entry["kind"]
     assert r["memory"]["process_peak_rss_bytes"] > 0
+    # Every VOC-like size pads to 512 x 512: one program per scale, one scale here.
+    assert r["eval_programs_compiled"] == 1
     # On CPU the train step's memory comes from a process of its own (comparable figures).
     own = r["memory"]["slr_jax_train"]
     assert own["kind"] == bench.process_memory.PROCESS_KIND and own["bytes"] > 0, own

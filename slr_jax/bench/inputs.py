@@ -44,3 +44,18 @@ def make_photo(size: int, seed: int) -> np.ndarray:
         .clip(0, 255)
         .astype(np.uint8)
     )
+
+
+def voc_like_sizes(count: int = 1449, seed: int = 0) -> list[tuple[int, int]]:
+    """(H, W) of ``count`` images sized like VOC 2012 val (1,449 images; no VOC data here):
+    the longer side 500 px for 97% of them, else 300-499; the shorter side 375 or 333 px for
+    over half, else 150-500; landscape 70%, portrait otherwise."""
+    rng = np.random.default_rng(seed)
+    sizes = []
+    for _ in range(count):
+        longer = 500 if rng.random() < 0.97 else int(rng.integers(300, 500))
+        pick = rng.random()
+        shorter = 375 if pick < 0.35 else 333 if pick < 0.55 else int(rng.integers(150, 501))
+        shorter = min(shorter, longer)
+        sizes.append((shorter, longer) if rng.random() < 0.7 else (longer, shorter))
+    return sizes

@@ -11,9 +11,10 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 
 from slr_jax.bench.configfile import BenchError, load_config
-from slr_jax.bench.inputs import make_inputs, make_photo
+from slr_jax.bench.inputs import make_inputs, make_photo, voc_like_sizes
 from slr_jax.bench.jax_side import JaxSide
 from slr_jax.bench.memory import RssSampler, _device_peak_bytes, _memory_entry
 from slr_jax.bench.process_memory import in_own_process
@@ -27,6 +28,8 @@ from slr_jax.bench.report import (
     timing_section,
 )
 from slr_jax.bench.timing import _print_medians, alternate, median
+from slr_jax.infer.predict import eval_programs_compiled
+from slr_jax.models import build_model, variable_shapes
 from slr_jax.parity.reference import load_reference
 
 MIN_CROP = 33
@@ -68,10 +71,32 @@ def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> dict:
         },
         "device": device_section(device, sides, args.torch_threads),
         **settings_section(args, config, sizes, overrides, compiler_options, with_ref),
+        "eval_programs_compiled": eval_programs_on_cpu(config),
         "versions": _versions(),
         "load_average": {"start": load_start, "end": _load_average()},
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
+
+
+def eval_programs_on_cpu(config) -> int:
+    """XLA programs one evaluation of VOC-like image sizes (``inputs.voc_like_sizes``)
+    compiles on the CPU with ``config.test``: counted by ``infer.predict.eval_programs_compiled``
+    on a width-1/16 copy of the network with zero weights (the count depends on the shapes
+    only), the persistent compilation cache off so that every compilation shows."""
+    model = build_model(config.model).clone(width=0.0625)
+    zeros = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), variable_shapes(model))
+    cache = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        with jax.default_device(jax.devices("cpu")[0]):
+            counted = eval_programs_compiled(model.apply, zeros, voc_like_sizes(), config.test)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache)
+    print(
+        f"evaluation programs: {counted['programs']} compiled for {counted['images']} VOC-like "
+        f"image sizes ({counted['groups']} groups), scales {tuple(config.test.scales)}"
+    )
+    return counted["programs"]
 
 
 def _configure(args: argparse.Namespace, overrides: list[tuple[str, str]]):

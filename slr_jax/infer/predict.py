@@ -6,18 +6,28 @@ view (``preprocess.scaled_input``) and its horizontal mirror go through the sing
 first view's, and that sum is resized to the image size (bilinear, align-corners). Masks are
 averaged over all ``2 * len(scales)`` views, class logits over scales.
 
-Size buckets (``test.bucket_step`` > 0, not in the reference): every view is padded to
-``k * bucket_step + 1`` pixels so one compiled program serves every image whose views fall in
-the same buckets. The network's class maps are cropped to the valid region on their stride-4
-grid and resized exactly as the unpadded forward would resize them; the class scores can be
-recomputed from the valid cells (``rescore``). What still differs is what the network sees
-beyond the border. ``bucket_step=0`` (the default) is the reference's computation.
+Exact padding (``test.bucket_sizes``, the default; SLRNet's ``mode='test'``): an image whose
+longer side fits in a size B of ``bucket_sizes`` is treated as padded (bottom and right) to
+B x B, so each of its views at scale s to ``round(B*s)`` px per side; SLRNet's padded forward
+(``SLRNet(..., region=...)``) computes exactly the unpadded forward on the valid part, and its
+stride-4 class maps go to the image through the unpadded path's two resizes, composed
+(:func:`_axis_matrix`). One program per (B, scale) does a scale's forward, resize and
+accumulation, so an evaluation compiles ``len(scales)`` programs per bucket its images use.
+Images larger than every bucket, other modes and other networks run unpadded.
+
+Approximate size buckets (``test.bucket_step`` > 0, not in the reference, kept for networks
+without a padded forward such as stage 2's DeepLab): every view is padded to
+``k * bucket_step + 1`` pixels; the network's class maps are cropped to the valid region on
+their stride-4 grid and resized as the unpadded forward would resize them, and the class
+scores can be recomputed from the valid cells (``rescore``), but the network itself sees the
+padding. ``bucket_step`` > 0 takes precedence over ``bucket_sizes``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -26,8 +36,17 @@ import numpy as np
 
 from slr_jax.constants import MASK_STRIDE
 from slr_jax.errors import InferenceError
-from slr_jax.infer.preprocess import bucket_size, check_image, pad_view, scaled_input
+from slr_jax.infer.preprocess import (
+    bucket_size,
+    check_bucket_sizes,
+    check_image,
+    pad_view,
+    reference_scaled_size,
+    scaled_input,
+    square_bucket,
+)
 from slr_jax.models.heads import focal_penalty
+from slr_jax.models.slrnet import SLRNet, padded_region
 from slr_jax.ops.resize import interp_matrix_np  # float64 NumPy weights (cached)
 
 ApplyFn = Callable[..., Mapping[str, Any]]
@@ -121,6 +140,60 @@ def _network_fn(apply_fn: ApplyFn, mode: str, stride: int = 1, rescore: bool = F
     return _FORWARD_CACHE[key]
 
 
+def _padded_program(apply_fn: ApplyFn) -> Callable:
+    """Jitted ``(variables, views (V, P, Q, 3), region, rows, cols, cols_mirror, masks_total
+    (B, B, C), cls_total (C-1,)) -> (masks_total + this scale's masks on the image grid,
+    cls_total + its class logits averaged over the views)``: one scale of the exact padded
+    prediction, one program per shape (one per (bucket, scale))."""
+
+    def network(variables, views, region, rows, cols, cols_mirror, masks_total, cls_total):
+        outputs = apply_fn(variables, views, mode="test", region=region)
+        masks = _grid_to_image(outputs["grid_masks"].astype(jnp.float32), rows, cols, cols_mirror)
+        cls = jnp.mean(outputs["cls"].astype(jnp.float32), axis=0)
+        return masks_total + masks, cls_total + cls
+
+    key = (apply_fn, "padded")
+    if key not in _FORWARD_CACHE:
+        if len(_FORWARD_CACHE) > 32:
+            _FORWARD_CACHE.clear()
+        _FORWARD_CACHE[key] = jax.jit(network)
+    return _FORWARD_CACHE[key]
+
+
+_ZEROS: dict[Any, jax.Array] = {}
+
+
+def _device_zeros(shape: tuple[int, ...], device: Any) -> jax.Array:
+    """A float32 zero array on ``device`` (the default one for None), transferred once and
+    kept: ``jnp.zeros`` would compile a program of its own per shape."""
+    key = (shape, device)
+    if key not in _ZEROS:
+        if len(_ZEROS) > 16:
+            _ZEROS.clear()
+        zeros = np.zeros(shape, np.float32)
+        _ZEROS[key] = jax.device_put(zeros) if device is None else jax.device_put(zeros, device)
+    return _ZEROS[key]
+
+
+def padded_model(apply_fn: ApplyFn) -> SLRNet | None:
+    """The SLRNet behind ``apply_fn`` (a bound ``model.apply``) when it has the exact padded
+    forward, else None (a custom function, DeepLab)."""
+    model = getattr(apply_fn, "__self__", None)
+    return model if isinstance(model, SLRNet) else None
+
+
+def eval_program_group(size: tuple[int, int], test_cfg: Any, apply_fn: ApplyFn | None) -> tuple:
+    """What decides the programs the prediction of an image of ``size`` (H, W) compiles:
+    ``('padded', B)`` when exact padding applies (images of one bucket share every program),
+    else ``('unpadded', H, W)`` (``apply_fn`` None: assume a network with the padded forward).
+    """
+    padded = apply_fn is None or padded_model(apply_fn) is not None
+    bucket = square_bucket(size, check_bucket_sizes(test_cfg.get("bucket_sizes", ())))
+    if padded and bucket and not test_cfg["bucket_step"] and str(test_cfg["mode"]) == "test":
+        return ("padded", bucket)
+    return ("unpadded", int(size[0]), int(size[1]))
+
+
 @jax.jit
 def _grid_to_image(masks, rows, cols, cols_mirror):
     """Grid masks (V, gh, gw, C) -> their sum (Hb, Wb, C) over the views on the image grid.
@@ -190,8 +263,9 @@ class PendingPrediction:
         masks_total = np.asarray(self.masks_total)[:height, :width]
         divisor = np.float32(self.views_per_scale * self.num_scales)
         masks_mean = (masks_total / divisor).astype(np.float32)
-        cls_mean = np.asarray(self.cls_total / self.num_scales, np.float32)
-        return cls_mean, masks_mean
+        # On the host: a division of the device array would compile a program per shape.
+        cls_mean = np.asarray(self.cls_total, np.float32) / np.float32(self.num_scales)
+        return cls_mean.astype(np.float32), masks_mean
 
 
 def multiscale_predict(
@@ -204,7 +278,8 @@ def multiscale_predict(
     reference's co-clustering option). ``image``: (H, W, 3) uint8 RGB (exact reference
     pre-processing) or float32 normalised. ``test_cfg``: ``config.test`` (or the dict of
     ``runner.inference_settings``); read: ``scales``, ``flip``, ``resize``, ``mode``,
-    ``bucket_step``, ``bucket_pad``. ``cls`` are logits averaged over views and scales;
+    ``bucket_sizes``, ``bucket_step``, ``bucket_pad``. ``cls`` are logits averaged over views
+    and scales;
     ``masks`` class probabilities averaged over all views, always at the (H, W) of ``image``.
     ``options``: those of :func:`multiscale_predict_async`.
     """
@@ -224,8 +299,10 @@ def multiscale_predict_async(
     """:func:`multiscale_predict` without waiting: the views are prepared on the host and the
     device work is dispatched (JAX runs it asynchronously); ``.result()`` collects it.
 
-    With buckets, ``apply_fn`` must upsample (align-corners) class maps computed on a
-    stride-``mask_stride`` grid whose cell i is input pixel ``mask_stride * i`` (SLRNet: 4).
+    Exact padding (``bucket_sizes``) applies when ``apply_fn`` is an SLRNet's ``apply``
+    (:func:`eval_program_group`). With approximate buckets (``bucket_step``), ``apply_fn`` must
+    upsample (align-corners) class maps computed on a stride-``mask_stride`` grid whose cell i
+    is input pixel ``mask_stride * i`` (SLRNet: 4).
     ``rescore`` (SLRNet's single-view ``mode='test'`` with buckets, not ``semi_wo_cls``)
     recomputes the class scores from the masks of the valid grid (:func:`valid_class_scores`),
     so the padding does not enter them. ``device`` None: nothing is committed, everything runs
@@ -236,6 +313,9 @@ def multiscale_predict_async(
     scales = check_scales(test_cfg["scales"])
     step = check_bucket_step(test_cfg["bucket_step"], mask_stride)
     mode, flip = str(test_cfg["mode"]), bool(test_cfg["flip"])
+    group = eval_program_group(image.shape[:2], test_cfg, apply_fn)
+    if group[0] == "padded" and not rescore:
+        return _padded_predict(apply_fn, variables, image, test_cfg, scales, group[1], device)
     stride = int(mask_stride) if step else 1
     height, width = (int(d) for d in image.shape[:2])
     out_padded = (bucket_size(height, step), bucket_size(width, step))
@@ -256,9 +336,75 @@ def multiscale_predict_async(
         cols = _axis_matrix(w, padded[1], width, out_padded[1], stride, False)
         cols_mirror = _axis_matrix(w, padded[1], width, out_padded[1], stride, True)
         valid = np.asarray([_grid_length(h, stride), _grid_length(w, stride)], np.int32)
-        views = jnp.asarray(views) if device is None else jax.device_put(views, device)
+        views = jax.device_put(views, device)  # jnp.asarray would compile a copy program
         cls, grid_masks = network(variables, views, valid)
         masks = _grid_to_image(grid_masks, rows, cols, cols_mirror)
         masks_total = masks if masks_total is None else masks_total + masks
         cls_total = cls if cls_total is None else cls_total + cls
     return PendingPrediction(cls_total, masks_total, (height, width), len(scales), 1 + flip)
+
+
+def _padded_predict(apply_fn, variables, image, test_cfg, scales, bucket, device):
+    """:func:`multiscale_predict_async` with exact padding to ``bucket`` x ``bucket``."""
+    model = padded_model(apply_fn)
+    coords = "float64" if jnp.dtype(model.dtype) == jnp.float64 else "float32"
+    flip = bool(test_cfg["flip"])
+    height, width = (int(d) for d in image.shape[:2])
+    program = _padded_program(apply_fn)
+    masks_total = _device_zeros((bucket, bucket, model.num_classes), device)
+    cls_total = _device_zeros((model.num_classes - 1,), device)
+    for scale in scales:
+        view = scaled_input(image, scale, test_cfg["resize"])
+        h, w = view.shape[:2]
+        padded = reference_scaled_size((bucket, bucket), scale)
+        views = [view, view[:, ::-1]] if flip else [view]
+        views = np.stack([pad_view(v, padded, "constant") for v in views])
+        region = padded_region(padded, (h, w), coords)
+        rows = _axis_matrix(h, padded[0], height, bucket, MASK_STRIDE, False)
+        cols = _axis_matrix(w, padded[1], width, bucket, MASK_STRIDE, False)
+        cols_mirror = _axis_matrix(w, padded[1], width, bucket, MASK_STRIDE, True)
+        views = jax.device_put(views, device)  # jnp.asarray would compile a copy program
+        masks_total, cls_total = program(
+            variables, views, region, rows, cols, cols_mirror, masks_total, cls_total
+        )
+    return PendingPrediction(cls_total, masks_total, (height, width), len(scales), 1 + flip)
+
+
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # one per XLA compilation
+
+
+@contextlib.contextmanager
+def count_compilations() -> Iterator[list[float]]:
+    """Yields a list that gets one entry (its seconds) per XLA compilation made inside the
+    block (JAX's monitoring event; programs loaded from the persistent cache do not count)."""
+    seconds: list[float] = []
+
+    def listener(event: str, duration: float, **_: Any) -> None:
+        if event == COMPILE_EVENT:
+            seconds.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield seconds
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def eval_programs_compiled(
+    apply_fn: ApplyFn, variables: Any, image_sizes: Iterable[tuple[int, int]], test_cfg: Any
+) -> dict[str, int]:
+    """How many XLA programs an evaluation of images of ``image_sizes`` compiles, counted.
+
+    Images whose :func:`eval_program_group` is equal run the same programs, so one image of
+    each group is predicted (a grey photograph of that size) and the compilations are counted
+    (:func:`count_compilations`); ``tests/test_padded_eval.py`` pins that predicting every image
+    compiles no more. Call it in a fresh process (or after ``jax.clear_caches()``): programs
+    compiled before are not counted again. Returns ``{'images', 'groups', 'programs'}``.
+    """
+    sizes = [(int(h), int(w)) for h, w in image_sizes]
+    groups = {eval_program_group(size, test_cfg, apply_fn): size for size in sizes}
+    with count_compilations() as compiled:
+        for height, width in groups.values():
+            image = np.full((height, width, 3), 128, np.uint8)
+            multiscale_predict(apply_fn, variables, image, test_cfg)
+    return {"images": len(sizes), "groups": len(groups), "programs": len(compiled)}

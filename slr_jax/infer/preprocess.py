@@ -2,9 +2,9 @@
 
 Follows the reference's pre-processing (``tools/infer_voc.py``): every scale ``s`` resizes the
 uint8 photograph with PIL bicubic to ``(round(H*s), round(W*s))`` (NumPy rounding; scale-1
-sizes are not resampled), then ImageNet-normalises it in float64. Size buckets (optional,
-``test.bucket_step``) pad a view at the bottom and right so that views of similar sizes share
-one compiled program.
+sizes are not resampled), then ImageNet-normalises it in float64. Padding (exact, to the
+square ``test.bucket_sizes``, or approximate, ``test.bucket_step``) extends a view at the bottom
+and right so that views of similar sizes share one compiled program (``predict``).
 """
 
 from __future__ import annotations
@@ -115,6 +115,30 @@ def bucket_size(size: int, step: int) -> int:
     if step <= 0:
         return int(size)
     return max(1, -(-(int(size) - 1) // step)) * step + 1
+
+
+def square_bucket(size: tuple[int, int], buckets: Sequence[int]) -> int | None:
+    """The exact-padding bucket of an image of ``size`` (H, W): the smallest of ``buckets``
+    that holds its longer side, None when none does (or ``buckets`` is empty)."""
+    longer = max(int(size[0]), int(size[1]))
+    fitting = [int(b) for b in buckets if int(b) >= longer]
+    return min(fitting) if fitting else None
+
+
+def check_bucket_sizes(buckets: Any) -> tuple[int, ...]:
+    """``config.test.bucket_sizes`` as a tuple of positive ints (empty: no exact padding)."""
+    try:
+        sizes = tuple(buckets)
+    except TypeError:
+        sizes = None
+    if sizes is None or any(
+        isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1 for b in sizes
+    ):
+        raise InferenceError(
+            f"bucket_sizes must be a list of positive integers (square sizes in px), got "
+            f"{buckets!r}; e.g. (64, 128, 256, 512, 1024, 2048), or () for no padding."
+        )
+    return tuple(sorted(int(b) for b in sizes))
 
 
 def pad_view(view: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:

@@ -37,7 +37,12 @@ from slr_jax.infer.predict import (
     check_scales,
     multiscale_predict_async,
 )
-from slr_jax.infer.preprocess import BUCKET_PAD_MODES, example_error, example_fields
+from slr_jax.infer.preprocess import (
+    BUCKET_PAD_MODES,
+    check_bucket_sizes,
+    example_error,
+    example_fields,
+)
 
 
 def inference_settings(test_cfg: Any) -> dict[str, Any]:
@@ -47,6 +52,7 @@ def inference_settings(test_cfg: Any) -> dict[str, Any]:
     settings["crf"] = crf_settings(settings["crf"])
     settings["class_pows"] = {int(k): float(v) for k, v in dict(settings["class_pows"]).items()}
     settings["bucket_step"] = check_bucket_step(settings["bucket_step"], MASK_STRIDE)
+    settings["bucket_sizes"] = check_bucket_sizes(settings["bucket_sizes"])
     if settings["bucket_pad"] not in BUCKET_PAD_MODES:
         raise InferenceError(
             f"config.test.bucket_pad={settings['bucket_pad']!r}; expected one of "

@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from slr_jax.models.layers import BatchNorm, conv
+from slr_jax.models.layers import BatchNorm, conv, zero_outside
 from slr_jax.models.noise import Dropout
 
 # (name, block kind, in, mid, out, stride, first_dilation, dilation, dropout); channels at width 1.
@@ -80,11 +80,16 @@ class ResBlock(nn.Module):
     zero_init_residual: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
-        """Returns ``(output, relu(bn_branch2a(x)))``."""
+    def __call__(
+        self, x: jax.Array, train: bool = False, valid: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """Returns ``(output, relu(bn_branch2a(x)))``. ``valid``: the padded evaluation's valid
+        cells of ``x`` (``layers.zero_outside``); the output's are ``valid[:, ::s, ::s]``."""
         bn = lambda name: backbone_batch_norm(self.dtype, name, self.batch_norm_stats, train)
         same_shape = x.shape[-1] == self.out_channels and self.stride == 1
-        pre = nn.relu(bn("bn_branch2a")(x))
+        pre = zero_outside(nn.relu(bn("bn_branch2a")(x)), valid)
+        if valid is not None:
+            valid = valid[:, :: self.stride, :: self.stride]
         if same_shape:
             shortcut = x
         else:
@@ -99,7 +104,7 @@ class ResBlock(nn.Module):
             dtype=self.dtype,
             name="conv_branch2a",
         )(pre)
-        y = nn.relu(bn("bn_branch2b1")(y))
+        y = zero_outside(nn.relu(bn("bn_branch2b1")(y)), valid)
         y = conv(
             self.out_channels,
             3,
@@ -125,16 +130,17 @@ class BottleneckBlock(nn.Module):
     zero_init_residual: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
-        """Returns ``(output, relu(bn_branch2a(x)))``."""
+    def __call__(
+        self, x: jax.Array, train: bool = False, valid: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """Returns ``(output, relu(bn_branch2a(x)))``; ``valid`` as ``ResBlock``'s."""
         bn = lambda name: backbone_batch_norm(self.dtype, name, self.batch_norm_stats, train)
         # Dropout2d zeroes whole channels: one draw per (example, channel).
         channel_dropout = Dropout(self.dropout, broadcast_dims=(1, 2), deterministic=not train)
         pre = nn.relu(bn("bn_branch2a")(x))
         shortcut = conv(self.out_channels, 1, dtype=self.dtype, name="conv_branch1")(pre)
         y = conv(max(1, self.out_channels // 4), 1, dtype=self.dtype, name="conv_branch2a")(pre)
-        y = nn.relu(bn("bn_branch2b1")(y))
-        y = channel_dropout(y)
+        y = zero_outside(channel_dropout(nn.relu(bn("bn_branch2b1")(y))), valid)
         y = conv(
             max(1, self.out_channels // 2),
             3,
@@ -168,7 +174,12 @@ class WideResNet38(nn.Module):
     zero_init_residual: bool = False
 
     @nn.compact
-    def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+    def __call__(
+        self, images: jax.Array, train: bool = False, valid: jax.Array | None = None
+    ) -> dict[str, jax.Array]:
+        """``valid`` (bool, (B or 1, H, W, 1)): the padded evaluation's valid pixels of
+        ``images`` (``SLRNet``); every convolution then reads zeros beyond the valid cells of its
+        level, as its zero padding gives the unpadded image; features beyond them are garbage."""
         ch = lambda c: scale_channels(c, self.width)
         basic: Callable[..., nn.Module] = ResBlock
         bottleneck: Callable[..., nn.Module] = BottleneckBlock
@@ -176,7 +187,8 @@ class WideResNet38(nn.Module):
             # Argument 0 is the module itself, 1 the input, 2 the static ``train`` flag.
             basic = nn.remat(ResBlock, static_argnums=(2,))
             bottleneck = nn.remat(BottleneckBlock, static_argnums=(2,))
-        x = conv(ch(64), 3, dtype=self.dtype, name="conv1a")(images.astype(self.dtype))
+        images = zero_outside(images.astype(self.dtype), valid)
+        x = conv(ch(64), 3, dtype=self.dtype, name="conv1a")(images)
         features = {}
         for name, kind, _, mid, out, stride, first_dil, dil, drop in RESNET38_BLOCKS:
             if kind == "basic":
@@ -201,7 +213,11 @@ class WideResNet38(nn.Module):
                     self.zero_init_residual,
                     name=name,
                 )
-            x, _ = block(x, train)
+            if valid is None:
+                x, _ = block(x, train)
+            else:
+                x, _ = block(x, train, valid)
+                valid = valid[:, ::stride, ::stride]
             if name == CONV3_BLOCK:
                 features["conv3"] = x
         bn7 = backbone_batch_norm(self.dtype, "bn7", self.batch_norm_stats, train)

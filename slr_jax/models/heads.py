@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from slr_jax.models.backbone import scale_channels
-from slr_jax.models.layers import BatchNorm, conv
+from slr_jax.models.layers import BatchNorm, conv, zero_outside
 from slr_jax.models.noise import Dropout, keep_probability
 
 # The reference's head BatchNorm momentum (PyTorch convention: weight of the batch statistic).
@@ -81,22 +81,27 @@ class ASPP(nn.Module):
     """ASPP at output stride 8: dilations 1, 12, 24, 36 plus image pooling, fused to 256.
 
     Its BatchNorms keep running statistics frozen (affine parameters train), as in the
-    reference. ``x`` (B, h, w, Cin) -> (B, h, w, 256*width).
+    reference. ``x`` (B, h, w, Cin) -> (B, h, w, 256*width). ``valid`` (bool, (B or 1, h, w,
+    1)): the padded evaluation's valid cells; the convolutions read zeros beyond them and the
+    image pooling averages over them only.
     """
 
     width: float = 1.0
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, train: bool = False, valid: jax.Array | None = None
+    ) -> jax.Array:
         c = scale_channels(256, self.width)
+        x = zero_outside(x, valid)
         branches = [
             ASPPBranch(c, 1, 1, self.dtype, name="aspp1")(x, train),
             ASPPBranch(c, 3, 12, self.dtype, name="aspp2")(x, train),
             ASPPBranch(c, 3, 24, self.dtype, name="aspp3")(x, train),
             ASPPBranch(c, 3, 36, self.dtype, name="aspp4")(x, train),
         ]
-        pooled = _GlobalPool(c, self.dtype, name="global_avg_pool")(x, train)
+        pooled = _GlobalPool(c, self.dtype, name="global_avg_pool")(x, train, valid)
         # Bilinear upsampling of a 1x1 map is a broadcast.
         branches.append(jnp.broadcast_to(pooled, branches[0].shape))
         y = jnp.concatenate(branches, axis=-1)
@@ -112,11 +117,21 @@ class _GlobalPool(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = jnp.mean(x, axis=(1, 2), keepdims=True)
+    def __call__(
+        self, x: jax.Array, train: bool = False, valid: jax.Array | None = None
+    ) -> jax.Array:
+        x = spatial_mean(x, valid)
         x = conv(self.features, 1, dtype=self.dtype, name="1")(x)
         x = head_batch_norm(train, self.dtype, "2", frozen_stats=True)(x)
         return nn.relu(x)
+
+
+def spatial_mean(x: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+    """(B, h, w, C) -> (B, 1, 1, C): the mean over the cells of ``valid`` (all when None)."""
+    if valid is None:
+        return jnp.mean(x, axis=(1, 2), keepdims=True)
+    count = jnp.sum(valid, axis=(1, 2), keepdims=True, dtype=x.dtype)
+    return jnp.sum(zero_outside(x, valid), axis=(1, 2), keepdims=True) / count
 
 
 class GCI(nn.Module):
@@ -124,7 +139,8 @@ class GCI(nn.Module):
 
     ``shallow`` (B, h, w, 256w) conv3 features, ``deep`` (B, h, w, 256w) decoder features ->
     (B, h, w, 256w): ``fc_cls(relu(fc_skip(shallow) * (1 + gamma) + beta))`` where
-    ``(gamma, beta)`` is the spatial max of ``fc_deep(deep)``.
+    ``(gamma, beta)`` is the spatial max of ``fc_deep(deep)`` (over the ``valid`` cells only,
+    bool (B or 1, h, w, 1), in the padded evaluation).
     """
 
     width: float = 1.0
@@ -132,10 +148,15 @@ class GCI(nn.Module):
     bn_stat_groups: int = 1
 
     @nn.compact
-    def __call__(self, shallow: jax.Array, deep: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(
+        self, shallow: jax.Array, deep: jax.Array, train: bool = False,
+        valid: jax.Array | None = None,
+    ) -> jax.Array:  # fmt: skip
         c = scale_channels(256, self.width)
         block = functools.partial(ConvBNReLU, dtype=self.dtype, bn_stat_groups=self.bn_stat_groups)
         deep = block(2 * c, name="fc_deep")(deep, train)
+        if valid is not None:
+            deep = jnp.where(valid, deep, jnp.array(-jnp.inf, deep.dtype))
         b, h, w, c2 = deep.shape
         attrs = max_to_argmax(deep.reshape(b, h * w, c2), axis=1).reshape(b, 1, 1, c2)
         gamma, beta = attrs[..., :c], attrs[..., c:]
@@ -183,6 +204,7 @@ class LastConv(nn.Module):
     """Main segmentation head: two 3x3 conv-BN-ReLU-dropout stages and a 1x1 classifier.
 
     (B, h, w, 256w) -> (B, h, w, out_channels). Children '0','1','4','5','8' as in PyTorch.
+    ``valid``: the padded evaluation's valid cells (the 3x3 convolutions read zeros beyond).
     """
 
     out_channels: int
@@ -191,12 +213,14 @@ class LastConv(nn.Module):
     bn_stat_groups: int = 1
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, train: bool = False, valid: jax.Array | None = None
+    ) -> jax.Array:
         c = scale_channels(256, self.width)
-        x = conv(c, 3, dtype=self.dtype, name="0")(x)
+        x = conv(c, 3, dtype=self.dtype, name="0")(zero_outside(x, valid))
         x = nn.relu(head_batch_norm(train, self.dtype, "1", stat_groups=self.bn_stat_groups)(x))
         x = Dropout(0.5, deterministic=not train)(x)
-        x = conv(c, 3, dtype=self.dtype, name="4")(x)
+        x = conv(c, 3, dtype=self.dtype, name="4")(zero_outside(x, valid))
         x = nn.relu(head_batch_norm(train, self.dtype, "5", stat_groups=self.bn_stat_groups)(x))
         x = Dropout(0.1, deterministic=not train)(x)
         return conv(self.out_channels, 1, use_bias=True, dtype=self.dtype, name="8")(x)
@@ -242,12 +266,21 @@ def focal_penalty(mean_mask: jax.Array, power: float = 3.0, offset: float = 0.01
     return jnp.power(1 - mean_mask, power) * jnp.log(offset + mean_mask)
 
 
-def mask_pooled_scores(logits: jax.Array, masks: jax.Array) -> jax.Array:
+def mask_pooled_scores(
+    logits: jax.Array, masks: jax.Array, valid: jax.Array | None = None
+) -> jax.Array:
     """Class scores from logits and softmax masks, both (B, h, w, C) -> (B, C-1).
 
     Mask-weighted pooling ``sum(x*m) / (1 + sum(m))`` plus the focal penalty of the mean mask;
-    the background column is dropped.
+    the background column is dropped. ``valid`` (bool, (B or 1, h, w, 1)): pool over those
+    cells only (the padded evaluation).
     """
+    if valid is not None:
+        logits, masks = zero_outside(logits, valid), zero_outside(masks, valid)
     pooled = jnp.sum(logits * masks, axis=(1, 2)) / (1.0 + jnp.sum(masks, axis=(1, 2)))
-    scores = pooled + focal_penalty(jnp.mean(masks, axis=(1, 2)))
+    if valid is None:
+        mean = jnp.mean(masks, axis=(1, 2))
+    else:
+        mean = jnp.sum(masks, axis=(1, 2)) / jnp.sum(valid, axis=(1, 2), dtype=masks.dtype)
+    scores = pooled + focal_penalty(mean)
     return scores[:, 1:]

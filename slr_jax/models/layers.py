@@ -154,3 +154,17 @@ class BatchNorm(nn.Module):
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
         return y
+
+
+def zero_outside(x: jax.Array, valid: jax.Array | None) -> jax.Array:
+    """``x`` (B, H, W, C) with every cell outside ``valid`` (bool, broadcastable, e.g.
+    (1, H, W, 1)) set to 0; ``x`` itself when ``valid`` is None.
+
+    The padded evaluation (``SLRNet(..., valid=...)``) applies it to every input a convolution
+    reads neighbours from, so that beyond the valid region a convolution sees the zeros its own
+    zero padding would give the unpadded input. ``jnp.where``, not a product: exact, and
+    whatever the padded cells hold (even inf) cannot leak.
+    """
+    if valid is None:
+        return x
+    return jnp.where(valid, x, jnp.zeros((), x.dtype))

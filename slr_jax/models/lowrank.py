@@ -34,15 +34,21 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = L2_EPS) -> jax.Array
     return x / (eps + jnp.linalg.norm(x, axis=axis, keepdims=True))
 
 
-def initial_dictionary(features: jax.Array, class_logits: jax.Array) -> jax.Array:
+def initial_dictionary(
+    features: jax.Array, class_logits: jax.Array, valid: jax.Array | None = None
+) -> jax.Array:
     """Class-prototype dictionary (B, K, D) from features (B, h, w, D) and logits (B, h, w, K).
 
     Each atom is the feature average weighted by that class's softmax probability
     (normalised over pixels, ``+1e-6``). No gradient flows into it: the reference detaches.
+    ``valid`` (bool, (B or 1, h, w, 1)): only those pixels count (the padded evaluation).
     """
     b, h, w, d = features.shape
     k = class_logits.shape[-1]
     probs = jax.nn.softmax(jax.lax.stop_gradient(class_logits).reshape(b, h * w, k), axis=-1)
+    if valid is not None:
+        flat = valid.reshape(valid.shape[0], h * w, 1)
+        probs, features = jnp.where(flat, probs, 0.0), jnp.where(valid, features, 0.0)
     probs = probs / (jnp.sum(probs, axis=1, keepdims=True) + DICT_INIT_EPS)
     atoms = jnp.einsum("bnk,bnd->bkd", probs, features.reshape(b, h * w, d))
     return jax.lax.stop_gradient(atoms)
@@ -66,7 +72,8 @@ def torch_linear_init(fan_in: int) -> dict[str, Any]:
 class FactorizationReconstruction(nn.Module):
     """``x`` (B, N, D) and initial dictionary (B, K, D) -> (reconstruction (B, N, D),
     codes (B, K, N), dictionary (B, K, D)); codes and dictionary in float32 (float64 for a
-    float64 ``dtype``)."""
+    float64 ``dtype``). ``valid`` (bool, (B or 1, N, 1)): only those pixels enter the
+    dictionary updates (the padded evaluation)."""
 
     num_iters: int = 1
     temperature: float = 1.0
@@ -74,7 +81,7 @@ class FactorizationReconstruction(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, dictionary_init: jax.Array
+        self, x: jax.Array, dictionary_init: jax.Array, valid: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         if self.num_iters < 1:
             raise ValueError(f"num_iters must be >= 1, got {self.num_iters}")
@@ -85,12 +92,16 @@ class FactorizationReconstruction(nn.Module):
         # bfloat16 the ~1/K codes would be quantised to a few levels and their argmax tie).
         exact = jnp.promote_types(self.dtype, jnp.float32)
         projected = transform1(x).astype(exact)
+        if valid is not None:
+            projected = jnp.where(valid, projected, 0.0)
         dictionary = l2_normalize(transform1(dictionary_init).astype(exact))
         codes = None
         for _ in range(self.num_iters):
             dots = jnp.einsum("bkd,bnd->bkn", dictionary, projected) * (1.0 / self.temperature)
             codes = jax.nn.softmax(dots, axis=1)
             attn = codes + ATTN_EPS
+            if valid is not None:
+                attn = jnp.where(jnp.swapaxes(valid, 1, 2), attn, 0.0)
             attn = attn / jnp.sum(attn, axis=-1, keepdims=True)
             dictionary = l2_normalize(jnp.einsum("bkn,bnd->bkd", attn, projected))
         recon = nn.relu(jnp.einsum("bkn,bkd->bnd", codes, dictionary))

@@ -13,6 +13,17 @@ Call ``model.apply(variables, images, mode=..., train=..., rngs={'dropout': key}
 mutable=['batch_stats'] if train else False)``; ``images`` (B, H, W, 3) ImageNet-normalised.
 ``train=False`` is PyTorch ``eval()``: no dropout, deterministic gate, running statistics.
 With ``'noise'`` also mutable, training reports its dropout and gate masks (``models/noise.py``).
+
+Padded evaluation: ``model.apply(variables, images, mode='test', region=padded_region(...))``
+runs the test forward of images whose valid part ``[:h, :w]`` was padded at the bottom and
+right, and computes exactly what the unpadded forward computes on that part: every
+convolution reads zeros beyond the valid cells of its level (where the unpadded one reads its
+zero padding), the image pooling of ASPP, the global max of GCI, the low-rank dictionary and
+the class pooling take the valid cells only, and the decoder's stride-8 -> stride-4 resize is
+the unpadded one's (``region['deep_rows'/'deep_cols']``). It returns ``cls`` and
+``grid_masks``, the class maps on the stride-4 grid (cell i = input pixel 4i; the valid cells
+are ``[:ceil(h/4), :ceil(w/4)]``); resizing them to (h, w) is the caller's
+(``slr_jax.infer.predict``), since that resize depends on (h, w).
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from slr_jax.constants import VARIANTS
 from slr_jax.models.backbone import WideResNet38, scale_channels
@@ -36,17 +48,58 @@ from slr_jax.models.heads import (
     stochastic_gate,
     with_background,
 )
-from slr_jax.models.layers import compute_dtype
+from slr_jax.models.layers import compute_dtype, zero_outside
 from slr_jax.models.lowrank import FactorizationReconstruction, initial_dictionary
 from slr_jax.models.noise import NOISE
 from slr_jax.ops import resize_bilinear_align_corners, scaled_size
+from slr_jax.ops.resize import interp_matrix_np
 
 MODES = ("test", "test_two_view", "train")
+# Strides of the backbone features SLRNet reads: conv3 (decoder, heads) and conv6 (ASPP).
+FEATURE_STRIDES = (4, 8)
 
 
 def _flatten_pixels(x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
     return x.reshape(b, h * w, c)
+
+
+def grid_cells(size: int, stride: int) -> int:
+    """Cells of the stride-``stride`` feature grid of an axis of ``size`` input pixels: every
+    stride-2 convolution (3x3 padding 1, or 1x1) maps n cells to ceil(n / 2)."""
+    return -(-int(size) // stride)
+
+
+def padded_region(
+    padded_size: tuple[int, int], valid_size: tuple[int, int], coord_dtype: str = "float32"
+) -> dict[str, np.ndarray]:
+    """The ``region`` of ``SLRNet.__call__`` for inputs of ``padded_size`` (H, W) whose valid
+    part is ``[:h, :w]``, ``valid_size`` (h, w): ``mask`` (1, H, W, 1) bool; ``deep_rows``
+    (ceil(H/4), ceil(H/8)) and ``deep_cols`` (same for W), the unpadded decoder's align-corners
+    resize ceil(h/8) -> ceil(h/4) in their top-left corner, zeros elsewhere (float32, or float64
+    coordinates and weights for ``coord_dtype='float64'``, as ``ops.resize`` for that dtype)."""
+    (height, width), (h, w) = (int(d) for d in padded_size), (int(d) for d in valid_size)
+    if not (1 <= h <= height and 1 <= w <= width):
+        raise ValueError(f"valid size {valid_size} does not fit in the padded size {padded_size}")
+    mask = np.zeros((1, height, width, 1), bool)
+    mask[:, :h, :w] = True
+
+    def deep_resize(valid: int, padded: int) -> np.ndarray:
+        fine, coarse = (grid_cells(valid, s) for s in FEATURE_STRIDES)
+        matrix = np.zeros([grid_cells(padded, s) for s in FEATURE_STRIDES], coord_dtype)
+        matrix[:fine, :coarse] = interp_matrix_np(coarse, fine, coord_dtype)
+        return matrix
+
+    return {"mask": mask, "deep_rows": deep_resize(h, height), "deep_cols": deep_resize(w, width)}
+
+
+def _resize_with(x: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
+    """(B, h, w, C) -> (B, rows.shape[0], cols.shape[0], C) by the two interpolation matrices,
+    computed as ``ops.resize_bilinear_align_corners`` computes (rows first, float32 or more)."""
+    dtype, hp = jnp.promote_types(x.dtype, jnp.float32), jax.lax.Precision.HIGHEST
+    y = jnp.einsum("oh,bhwc->bowc", rows.astype(dtype), x.astype(dtype), precision=hp)
+    y = jnp.einsum("pw,bhwc->bhpc", cols.astype(dtype), y, precision=hp)
+    return y.astype(x.dtype)
 
 
 class SLRNet(nn.Module):
@@ -114,14 +167,29 @@ class SLRNet(nn.Module):
         return self.variant == "semi_wo_cls"
 
     # ----------------------------------------------------------------------------- pieces
-    def decoder_features(self, images: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
-        """(B, H, W, 3) -> (decoder features (B, h, w, 256w), conv3 (B, h, w, 256w)), h = H/4."""
-        feats = self.backbone(images, train)
+    def decoder_features(
+        self, images: jax.Array, train: bool, region: dict | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """(B, H, W, 3) -> (decoder features (B, h, w, 256w), conv3 (B, h, w, 256w)), h = H/4.
+
+        With ``region`` (padded evaluation) the decoder features are 0 beyond the valid cells.
+        """
+        if region is None:
+            feats = self.backbone(images, train)
+            mask4 = mask8 = None
+        else:
+            feats = self.backbone(images, train, region["mask"])
+            mask4 = region["mask"][:, ::4, ::4]
+            mask8 = mask4[:, ::2, ::2]
         conv3 = feats["conv3"]
-        deep = self.aspp(feats["conv6"], train)
+        deep = self.aspp(feats["conv6"], train, mask8)
         skip = self.fc8_skip(conv3, train)
-        deep = resize_bilinear_align_corners(deep, skip.shape[1:3])
-        return self.fc8_x(jnp.concatenate([deep, skip], axis=-1), train), conv3
+        if region is None:
+            deep = resize_bilinear_align_corners(deep, skip.shape[1:3])
+        else:
+            deep = _resize_with(zero_outside(deep, mask8), region["deep_rows"], region["deep_cols"])
+        x = jnp.concatenate([deep, skip], axis=-1)
+        return zero_outside(self.fc8_x(zero_outside(x, mask4), train), mask4), conv3
 
     def aux_forward(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
         """Aux head: (B, h, w, 256w) -> (logits, softmax masks), both (B, h, w, C)."""
@@ -131,39 +199,47 @@ class SLRNet(nn.Module):
         return logits, jax.nn.softmax(logits, axis=-1)
 
     def segmentation_forward(
-        self, x: jax.Array, shallow: jax.Array, train: bool
+        self, x: jax.Array, shallow: jax.Array, train: bool, valid: jax.Array | None = None
     ) -> tuple[jax.Array, jax.Array]:
-        """GCI + stochastic gate + main head -> (logits, softmax masks), both (B, h, w, C)."""
-        injected = self.shallow_mask(shallow, x, train)
+        """GCI + stochastic gate + main head -> (logits, softmax masks), both (B, h, w, C).
+        ``valid``: the padded evaluation's valid cells (bool, (B or 1, h, w, 1))."""
+        injected = self.shallow_mask(shallow, x, train, valid)
         keep = None
         if train:  # drawn here so that it can be reported (models/noise.py)
             keep = gate_keep_mask(self.make_rng("dropout"), x.shape)
             self.sow(NOISE, "gate", keep)
         x = stochastic_gate(x, injected, train=train, rng=None, keep=keep)
-        logits = self.last_conv(x, train)
+        logits = self.last_conv(x, train, valid)
         logits = with_background(logits, "none" if self.predicts_background else "constant")
         logits = logits.astype(self.out_dtype)
         return logits, jax.nn.softmax(logits, axis=-1)
 
-    def class_scores(self, logits: jax.Array, masks: jax.Array) -> jax.Array:
-        """(B, h, w, C) logits and masks -> (B, C-1) scores (ones for ``semi_wo_cls``)."""
+    def class_scores(
+        self, logits: jax.Array, masks: jax.Array, valid: jax.Array | None = None
+    ) -> jax.Array:
+        """(B, h, w, C) logits and masks -> (B, C-1) scores (ones for ``semi_wo_cls``), pooled
+        over the ``valid`` cells only when given."""
         if self.predicts_background:
             return jnp.ones((logits.shape[0], self.num_classes - 1), self.out_dtype)
-        return mask_pooled_scores(logits, masks)
+        return mask_pooled_scores(logits, masks, valid)
 
     def low_rank(
-        self, views: list[jax.Array], dictionary_init: jax.Array
+        self, views: list[jax.Array], dictionary_init: jax.Array, valid: jax.Array | None = None
     ) -> tuple[list[jax.Array], list[jax.Array], jax.Array]:
         """Factorises the views (each (B, h_i, w_i, D)) jointly.
 
         Returns (reconstructed views, codes per view (B, h_i, w_i, K), dictionary (B, K, D)).
+        ``valid`` (bool, (B or 1, h, w, 1), one view only): the pixels that enter the
+        dictionary (the padded evaluation).
         """
         if not self.use_low_rank:
             atoms = dictionary_init.shape[1]
             codes = [jnp.zeros((*v.shape[:3], atoms), self.out_dtype) for v in views]
             return list(views), codes, dictionary_init.astype(self.out_dtype)
         flat = jnp.concatenate([_flatten_pixels(v) for v in views], axis=1)
-        out, codes, dictionary = self.factorization_reconstruction(flat, dictionary_init)
+        if valid is not None:
+            valid = _flatten_pixels(valid)
+        out, codes, dictionary = self.factorization_reconstruction(flat, dictionary_init, valid)
         recon, codes_per_view, start = [], [], 0
         for v in views:
             b, h, w, d = v.shape
@@ -174,24 +250,30 @@ class SLRNet(nn.Module):
         return recon, codes_per_view, dictionary
 
     # ---------------------------------------------------------------------------- forward
-    def __call__(self, images: jax.Array, mode: str = "test", train: bool = False) -> dict:
+    def __call__(
+        self, images: jax.Array, mode: str = "test", train: bool = False,
+        region: dict | None = None,
+    ) -> dict:  # fmt: skip
         if mode not in MODES:
             raise ValueError(f"unknown forward mode {mode!r}; expected one of {MODES}")
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be (B, H, W, 3) NHWC, got shape {images.shape}")
+        if region is not None and (mode != "test" or train):
+            raise ValueError("a padded region is only for the evaluation forward (mode='test')")
         height, width = images.shape[1:3]
 
-        x, shallow = self.decoder_features(images, train)
+        x, shallow = self.decoder_features(images, train, region)
+        mask4 = None if region is None else region["mask"][:, ::4, ::4]
         aux_logits, aux_masks = self.aux_forward(x, train)
-        dictionary_init = initial_dictionary(x, aux_logits)
+        dictionary_init = initial_dictionary(x, aux_logits, mask4)
 
         if mode == "test":
-            (x_lr,), _, _ = self.low_rank([x], dictionary_init)
-            logits, masks = self.segmentation_forward(x_lr, shallow, train)
-            return {
-                "cls": self.class_scores(logits, masks),
-                "masks": resize_bilinear_align_corners(masks, (height, width)),
-            }
+            (x_lr,), _, _ = self.low_rank([x], dictionary_init, mask4)
+            logits, masks = self.segmentation_forward(x_lr, shallow, train, mask4)
+            cls = self.class_scores(logits, masks, mask4)
+            if region is not None:
+                return {"cls": cls, "grid_masks": masks}
+            return {"cls": cls, "masks": resize_bilinear_align_corners(masks, (height, width))}
 
         images2 = resize_bilinear_align_corners(
             images, scaled_size((height, width), self.scale_factor)
