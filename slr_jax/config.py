@@ -219,6 +219,7 @@ KEY_RULES: dict[str, tuple[Any, str]] = {
     "test.use_image_labels": (_bool, SAFE),
     "test.resize": (_choice(*RESIZE_METHODS), SAFE),
     "test.mode": (_choice("test", "test_two_view"), SAFE),
+    "test.bucket_sizes": (_tuple(_int(1)), SAFE),
     "test.bucket_step": (_int(0), SAFE),
     "test.bucket_pad": (_choice(*BUCKET_PAD_MODES), SAFE),
     "test.resume": (_bool, SAFE),
