@@ -200,19 +200,25 @@ class ProgramReport:
     name: str
     kind: str  # train | pretrain | eval
     compile_s: float
-    argument_bytes: int
-    temp_bytes: int
-    output_bytes: int
-    alias_bytes: int
-    code_bytes: int
-    flops: float
+    # None when the compiler refused the program for lack of memory (``error``).
+    argument_bytes: int | None
+    temp_bytes: int | None
+    output_bytes: int | None
+    alias_bytes: int | None
+    code_bytes: int | None
+    flops: float | None
     collectives: dict[str, int]
     cache_hit: bool
     hbm_bytes: int | None
+    error: str = ""  # the compiler's out-of-memory message, first line
+    compiler_used_bytes: int | None = None  # what that message says the program needs
 
     @property
     def peak_bytes(self) -> int:
-        """Arguments, outputs not aliased to donated arguments, temporaries and code."""
+        """Arguments, outputs not aliased to donated arguments, temporaries and code (or, for
+        a program the compiler refused, the memory its message says it needs)."""
+        if self.error:
+            return int(self.compiler_used_bytes or 0)
         return (
             self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
             + self.code_bytes
@@ -220,6 +226,8 @@ class ProgramReport:
 
     @property
     def fits(self) -> bool:
+        if self.error:
+            return False
         return self.hbm_bytes is None or self.peak_bytes <= self.hbm_bytes
 
     def as_dict(self) -> dict[str, Any]:
@@ -269,7 +277,13 @@ def compile_program(
     _CacheHits.register()
     hits = _CacheHits.count
     started = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
+    lowered = jitted.lower(*args)
+    try:
+        compiled = lowered.compile()
+    except Exception as error:  # noqa: BLE001 - only the compiler's out-of-memory is a result
+        if "RESOURCE_EXHAUSTED" not in str(error) and "Ran out of memory" not in str(error):
+            raise
+        return _refused(name, kind, time.perf_counter() - started, str(error), hbm_bytes)
     seconds = time.perf_counter() - started
     memory = compiled.memory_analysis()
     return ProgramReport(
@@ -286,6 +300,23 @@ def compile_program(
         cache_hit=_CacheHits.count > hits,
         hbm_bytes=hbm_bytes,
     )
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_USED_RE = re.compile(r"Used ([0-9.]+)([KMGT]?)B? of ([0-9.]+)([KMGT]?)B? hbm")
+
+
+def _refused(name: str, kind: str, seconds: float, message: str, hbm: int | None) -> ProgramReport:
+    """The report of a program the TPU compiler refused: "Ran out of memory in memory space
+    hbm. Used 19.38G of 15.75G hbm. ..." (sizes in binary units)."""
+    used = _USED_RE.search(message)
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return ProgramReport(
+        name=name, kind=kind, compile_s=round(seconds, 2), argument_bytes=None,
+        temp_bytes=None, output_bytes=None, alias_bytes=None, code_bytes=None, flops=None,
+        collectives={}, cache_hit=False, hbm_bytes=hbm, error=lines[0] if lines else message,
+        compiler_used_bytes=int(float(used[1]) * _UNITS[used[2]]) if used else None,
+    )  # fmt: skip
 
 
 def _abstract(tree: Any, sharding: Any) -> Any:
@@ -543,20 +574,20 @@ def _fix(config: Any, report: ProgramReport, target: Target, per_chip: int) -> s
             f"a smaller per-chip batch (now {per_chip}: config.train.batch_size="
             f"{int(config.train.batch_size)} over {target.chips} chips; try --max-batch)"
         )
-        if not config.model.remat:
+        if report.kind == "train" and not config.model.remat:
             fixes.append("--config.model.remat=True")
     else:
         fixes.append(f"smaller config.test.scales (largest {max(config.test.scales):g})")
     if config.model.dtype == "float32":
         fixes.append("--config.model.dtype=bfloat16")
-    return (
-        f"{report.name} needs {need:.2f} GiB per chip, more than the {have:.0f} GiB of "
-        f"{target.name}; use {' or '.join(fixes)}."
+    needs = f"needs {need:.2f} GiB per chip" if report.peak_bytes else "does not fit"
+    return f"{report.name} {needs}, more than the {have:.0f} GiB of {target.name}; use " + (
+        " or ".join(fixes) + "."
     )
 
 
-def _gib(n: int) -> str:
-    return f"{n / GIB:7.2f}"
+def _gib(n: int | None) -> str:
+    return f"{'-':>7}" if n is None else f"{n / GIB:7.2f}"
 
 
 def format_table(report: dict) -> str:
@@ -573,8 +604,10 @@ def format_table(report: dict) -> str:
         lines.append(
             f"{p['name']:<28} {_gib(p['argument_bytes'])} {_gib(p['temp_bytes'])} "
             f"{_gib(p['output_bytes'])} {_gib(p['code_bytes'])} {_gib(p['peak_bytes'])}     "
-            f"{p['flops'] / 1e12:7.3f} {p['compile_s']:7.1f}s  {'yes' if p['fits'] else 'NO ':<4}"
+            f"{(p['flops'] or 0) / 1e12:7.3f} {p['compile_s']:7.1f}s  "
+            f"{'yes' if p['fits'] else 'NO ':<4}"
             f"  {coll}{' (cached)' if p['cache_hit'] else ''}"
+            + (f"\n    compiler: {p['error']}" if p["error"] else "")
         )
     if "max_batch_per_chip" in report:
         lines.append(
