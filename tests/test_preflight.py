@@ -202,3 +202,16 @@ def test_second_compilation_hits_the_persistent_cache(tmp_path):
     assert first[0].name == second[0].name == "eval_forward_17x17@1"
     assert (first[0].cache_hit, second[0].cache_hit) == (False, True)
     assert first[0].code_bytes == second[0].code_bytes and np.isfinite(first[0].flops)
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [("--topology=v9-8", "is not a TPU slice"), ("--max_batch", "Unknown command line flag")],
+)
+def test_bad_flags_exit_2_with_one_line(flag, message):
+    command = [sys.executable, "-m", "slr_jax.preflight", "--config=configs/demo.py", flag]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert message in result.stderr.strip().splitlines()[-1]
