@@ -665,7 +665,8 @@ def _max_batch(config, tpu, target, per_chip, log) -> dict[str, Any]:
     def peak(b: int) -> int:
         report = train_program(with_batch(config, b * probe.chips), mesh, probe.hbm_bytes)
         log(f"  per-chip batch {b}: {report.peak_bytes / GIB:.2f} GiB ({report.compile_s:.0f} s)")
-        return report.peak_bytes
+        # A refusal without the compiler's figure still counts as more than the chip has.
+        return report.peak_bytes if report.fits else max(report.peak_bytes, probe.hbm_bytes + 1)
 
     log(f"--max-batch: train steps compiled on {probe.name} ({probe.chips} chips)")
     best, peaks = max_batch_per_chip(peak, probe.hbm_bytes, start=per_chip)
