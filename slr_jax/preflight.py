@@ -129,7 +129,8 @@ class Slice:
 
     def probe_slice(self) -> Slice:
         """The 4-chip one-host slice of this generation (``--max-batch`` compiles there)."""
-        return Slice(f"{self.generation}:4", self.generation, _grid(self.generation, 4), 1)
+        shape = _grid(self.generation, 4)
+        return Slice(f"{self.generation}:{'x'.join(map(str, shape))}", self.generation, shape, 1)
 
 
 def _grid(generation: str, chips: int) -> tuple[int, ...]:
