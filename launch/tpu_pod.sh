@@ -24,6 +24,10 @@ usage() {
 Usage: launch/tpu_pod.sh [OPTIONS] STEP [STEP ...] [-- EXTRA_MAIN_FLAGS ...]
 
 Steps, run in the order given:
+  preflight
+           on this machine: compile every program of the run for --accelerator-type with
+           `python -m slr_jax.preflight` (needs jax[tpu], requirements-tpu.txt; no TPU) and
+           stop unless each fits the chips' memory; nothing is booked
   create   create the TPU VM / pod slice, or reuse it when it exists, is READY and has the
            requested type (a PREEMPTED or TERMINATED one is deleted and created again)
   copy     copy the code to every worker: a `git archive` of --ref (committed files only),
@@ -35,14 +39,14 @@ Steps, run in the order given:
   logs     print the end of ~/slr_jax_train.log of every worker (or --log-worker)
   stop     send SIGTERM to a --detach'ed run on every worker (it saves a checkpoint, exits)
   delete   delete the TPU VM
-  all      create copy setup train
+  all      preflight create copy setup train
 
 Options (environment variable in brackets; options win):
   --name NAME              TPU VM name [SLR_TPU_NAME] (required)
   --zone ZONE              e.g. us-central2-b [SLR_TPU_ZONE] (required)
   --project PROJECT        [SLR_TPU_PROJECT] (default: gcloud's configured project)
   --accelerator-type TYPE  e.g. v4-32, v5litepod-16, v5p-32, v6e-16 [SLR_TPU_TYPE]
-                           (required by create)
+                           (required by preflight and create)
   --version VERSION        TPU runtime [SLR_TPU_VERSION] (default from the type:
                            v2/v3/v4 tpu-ubuntu2204-base, v5litepod v2-alpha-tpuv5-lite,
                            v5p v2-alpha-tpuv5, v6e v2-alpha-tpuv6e)
@@ -55,6 +59,8 @@ Options (environment variable in brackets; options win):
   --workdir DIR            training folder, gs://BUCKET/PATH on a pod [SLR_WORKDIR]
                            (required by train)
   --set KEY=VALUE          config override, passed as --config.KEY=VALUE; repeatable
+  --local-python PYTHON    Python with slr_jax's requirements and requirements-tpu.txt on
+                           this machine, for preflight [SLR_LOCAL_PYTHON] (default: python3)
   --env NAME=VALUE         environment variable for the job on every worker; repeatable
   --ref REF                commit, branch or tag to copy (default: HEAD)
   --repo-url URL           clone URL on the workers instead of copying a git archive
@@ -87,6 +93,7 @@ PROJECT=${SLR_TPU_PROJECT:-}
 ACCEL=${SLR_TPU_TYPE:-}
 VERSION=${SLR_TPU_VERSION:-}
 CONFIG=${SLR_CONFIG:-configs/voc.py}
+LOCAL_PYTHON=${SLR_LOCAL_PYTHON:-python3}
 WORKDIR=${SLR_WORKDIR:-}
 PROVISIONING=''
 REF=HEAD
@@ -134,6 +141,7 @@ while (($#)); do
     --config) need_value "$@"; CONFIG=$2; shift 2 ;;
     --workdir) need_value "$@"; WORKDIR=$2; shift 2 ;;
     --set) need_value "$@"; flag=$(config_override "$2"); OVERRIDES+=("$flag"); shift 2 ;;
+    --local-python) need_value "$@"; LOCAL_PYTHON=$2; shift 2 ;;
     --env) need_value "$@"; assignment=$(env_assignment "$2"); ENVS+=("$assignment"); shift 2 ;;
     --ref) need_value "$@"; REF=$2; shift 2 ;;
     --repo-url) need_value "$@"; REPO_URL=$2; shift 2 ;;
@@ -144,15 +152,15 @@ while (($#)); do
     --log-dir) need_value "$@"; LOG_DIR=$2; shift 2 ;;
     --log-worker) need_value "$@"; LOG_WORKER=$2; shift 2 ;;
     --log-lines) need_value "$@"; LOG_LINES=$2; shift 2 ;;
-    create | copy | setup | train | logs | stop | delete) STEPS+=("$1"); shift ;;
-    all) STEPS+=(create copy setup train); shift ;;
+    preflight | create | copy | setup | train | logs | stop | delete) STEPS+=("$1"); shift ;;
+    all) STEPS+=(preflight create copy setup train); shift ;;
     -*) die "unknown option '$1' (see launch/tpu_pod.sh --help)" ;;
-    *) die "unknown step '$1'; steps: create copy setup train logs stop delete all" ;;
+    *) die "unknown step '$1'; steps: preflight create copy setup train logs stop delete all" ;;
   esac
 done
 
 # ---- checks, all before anything runs --------------------------------------------------------
-((${#STEPS[@]})) || die "no step given: add one or more of create copy setup train logs stop delete all (see --help)"
+((${#STEPS[@]})) || die "no step given: add one or more of preflight create copy setup train logs stop delete all (see --help)"
 [[ -n $NAME ]] || die "--name NAME (or SLR_TPU_NAME) is required"
 [[ -n $ZONE ]] || die "--zone ZONE (or SLR_TPU_ZONE) is required, e.g. --zone us-central2-b"
 name_re='^[a-z]([-a-z0-9]*[a-z0-9])?$'
@@ -175,6 +183,10 @@ has_step() {
   return 1
 }
 
+if has_step preflight; then
+  [[ -n $ACCEL ]] || die "preflight needs --accelerator-type (or SLR_TPU_TYPE), e.g. v4-32 or v5litepod-16"
+  [[ -n $CONFIG ]] || die "--config must not be empty"
+fi
 if has_step create; then
   [[ -n $ACCEL ]] || die "create needs --accelerator-type (or SLR_TPU_TYPE), e.g. v4-32 or v5litepod-16"
   if [[ -z $VERSION ]]; then
@@ -237,6 +249,17 @@ create_vm() {
 
 delete_vm() {
   tpu_vm delete "$NAME" --quiet
+}
+
+step_preflight() {
+  # The run's config overrides: --set, and --config.* flags after `--`.
+  local flags=("--config=$CONFIG" "--topology=$ACCEL") word
+  flags+=(${OVERRIDES[@]+"${OVERRIDES[@]}"})
+  for word in ${EXTRA[@]+"${EXTRA[@]}"}; do
+    [[ $word != --config.* ]] || flags+=("$word")
+  done
+  note "preflight: compile the run's programs for $ACCEL on this machine, in $REPO_ROOT (exit 1: they do not fit)"
+  (cd "$REPO_ROOT" && run "$LOCAL_PYTHON" -m slr_jax.preflight "${flags[@]}")
 }
 
 step_create() {

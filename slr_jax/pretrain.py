@@ -168,31 +168,45 @@ def _metadata(config: Any) -> dict:
     }
 
 
-def _build(config: Any, mesh: Mesh):
-    """(model, jitted sharded step, initial (params, batch_stats, opt_state), step key)."""
+def build_classifier(config: Any) -> BackboneClassifier:
+    """The backbone + classifier that pretraining trains, from ``config.model``."""
     deeplab = config.model.arch == "deeplab"
-    model = BackboneClassifier(
+    return BackboneClassifier(
         int(config.model.num_classes) - 1,
         float(config.model.width),
         jnp.dtype(config.model.dtype),
         resnet_layers=tuple(RESNET_LAYERS[int(config.model.depth)]) if deeplab else (),
         output_stride=int(config.model.output_stride),
     )
+
+
+def init_state(config: Any, model: BackboneClassifier, key: jax.Array) -> tuple:
+    """(params, batch_stats, opt_state) of a fresh pretraining run; ``jax.eval_shape`` of it
+    gives the shapes without computing anything (``slr_jax.preflight``)."""
     crop = int(config.dataset.crop_size)
-    init_key, step_key = jax.random.split(jax.random.fold_in(jax.random.key(int(config.seed)), 1))
-    variables = jax.jit(lambda k: model.init(k, jnp.zeros((1, crop, crop, 3)), train=False))(
-        init_key
-    )
+    variables = model.init(key, jnp.zeros((1, crop, crop, 3)), train=False)
     tx = make_optimizer(config.pretrain)
-    state = (variables["params"], variables["batch_stats"], tx.init(variables["params"]))
+    return variables["params"], variables["batch_stats"], tx.init(variables["params"])
+
+
+def sharded_step(config: Any, model: BackboneClassifier, mesh: Mesh) -> Callable:
+    """The jitted step: state replicated and donated, images and labels sharded over ``mesh``."""
     state_sharding, data = replicated(mesh), data_sharded(mesh)
-    step_fn = jax.jit(
-        make_step(model, tx),
+    return jax.jit(
+        make_step(model, make_optimizer(config.pretrain)),
         in_shardings=(*(state_sharding,) * 3, data, data, state_sharding),
         out_shardings=state_sharding,
         donate_argnums=(0, 1, 2),
     )
-    return step_fn, jax.device_put(state, state_sharding), step_key
+
+
+def _build(config: Any, mesh: Mesh):
+    """(jitted sharded step, initial (params, batch_stats, opt_state), step key)."""
+    model = build_classifier(config)
+    init_key, step_key = jax.random.split(jax.random.fold_in(jax.random.key(int(config.seed)), 1))
+    state = jax.jit(lambda k: init_state(config, model, k))(init_key)
+    step_fn = sharded_step(config, model, mesh)
+    return step_fn, jax.device_put(state, replicated(mesh)), step_key
 
 
 class _ProgressCheckpoints:

@@ -111,11 +111,18 @@ def test_tpu_dry_run_prints_every_step(tmp_path):
     args += ["--log-dir", str(tmp_path / "logs"), "--env", "TF_CPP_MIN_LOG_LEVEL=2"]
     for kv in TRICKY_SETS:
         args += ["--set", kv]
-    args += ["all", "logs", "stop", "delete", "--", "--mode=train"]
+    args += ["all", "logs", "stop", "delete", "--", "--mode=train", "--config.seed=3"]
     result = _bash(TPU, *args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     cmds = _commands(result.stdout)
     loc = ["--zone=us-central2-b", "--project=my-proj"]
+
+    # First, on this machine: the run's programs compiled for the slice, the run's overrides.
+    assert cmds[0] == ["python3", "-m", "slr_jax.preflight", "--config=configs/voc.py"] + [
+        "--topology=v4-32",
+        *TRICKY_FLAGS,
+        "--config.seed=3",
+    ]
 
     describe = _find(cmds, GCLOUD_TPU + ["describe"])[0]
     assert describe == GCLOUD_TPU + [
@@ -160,6 +167,7 @@ def test_tpu_dry_run_prints_every_step(tmp_path):
         "--distributed=on",
         *TRICKY_FLAGS,
         "--mode=train",
+        "--config.seed=3",
     ]
     assert words[end:] == ["2>&1", "|", "tee", "-a", "~/slr_jax_train.log"]
     (train_line,) = [c for c in cmds if "tee" in c and c[0] == "gcloud"]
@@ -296,10 +304,39 @@ def test_tpu_real_run_against_a_stand_in_gcloud(tmp_path):
     assert (home / "terminated").read_text().strip() == "saved"
 
 
+def test_tpu_preflight_that_fails_books_nothing(tmp_path):
+    """`all` starts with preflight, run here with --local-python from the repository root; when
+    it exits non-zero (a program does not fit) the script stops with its status and gcloud is
+    never called."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.jsonl"
+    record = (
+        f"{shlex.quote(sys.executable)} -c 'import json, os, sys; "
+        f'print(json.dumps([os.getcwd(), *sys.argv[1:]]))\' "$@" >> {calls}'
+    )
+    _executable(bin_dir / "gcloud", f"#!/usr/bin/env bash\n{record}\n")
+    python = _executable(
+        tmp_path / "python",
+        f"#!/usr/bin/env bash\n{record}\necho 'error: train_step needs 20 GiB' >&2\nexit 1\n",
+    )
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLR_LOCAL_PYTHON": str(python)}
+    args = ["--name=a", "--zone=z", "--accelerator-type=v5litepod-16", "--workdir=gs://b/r"]
+    result = _bash(TPU, *args, "--set=train.batch_size=64", "all", env=env, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == "error: train_step needs 20 GiB"
+    (call,) = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert call == [str(REPO), "-m", "slr_jax.preflight", "--config=configs/voc.py"] + [
+        "--topology=v5litepod-16",
+        "--config.train.batch_size=64",
+    ]
+
+
 @pytest.mark.parametrize(
     "args, env, message",
     [
         (["--zone=z", "create"], {}, "--name NAME"),
+        (["--name=a", "--zone=z", "preflight"], {}, "preflight needs --accelerator-type"),
         (["--name=a", "create"], {}, "--zone ZONE"),
         (["--name=a", "--zone=z"], {}, "no step given"),
         (["--name=a", "--zone=z", "create"], {}, "create needs --accelerator-type"),
