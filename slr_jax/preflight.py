@@ -34,15 +34,16 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from absl import app, flags
 
+from slr_jax import cli
 from slr_jax import main as main_lib
-from slr_jax.errors import ConfigError, SlrJaxError
+from slr_jax.config import validate_config
+from slr_jax.errors import ConfigError, FlagError, SlrJaxError
 
 GIB = 1 << 30
 # HBM per chip (Cloud TPU documentation of each generation).
@@ -73,7 +74,7 @@ _PROGRAMS = flags.DEFINE_multi_enum(
 )
 
 
-class TopologyError(ValueError):
+class TopologyError(FlagError):
     """A --topology the tool does not know (a bad flag: exit status 2)."""
 
 
@@ -424,14 +425,15 @@ def eval_view_shapes(
 
 
 def eval_programs(config: Any, device: Any, hbm_bytes: int | None) -> list[ProgramReport]:
-    """Per view shape: the network forward of ``slr_jax.infer.predict`` on one chip (each
-    process predicts its own images on its own devices) and the resize to the image."""
+    """The programs ``slr_jax.infer.predict`` compiles for the images of
+    :func:`eval_image_shapes`, on one chip (each process predicts its own images on its own
+    devices): with exact padding (``test.bucket_sizes``, the default) one program per (bucket,
+    scale), forward + resize + sum; otherwise per view shape the forward and its resize."""
     import jax  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
     from jax.sharding import SingleDeviceSharding  # noqa: PLC0415
 
-    from slr_jax.constants import MASK_STRIDE  # noqa: PLC0415
     from slr_jax.infer import predict  # noqa: PLC0415
+    from slr_jax.infer.runner import inference_settings  # noqa: PLC0415
     from slr_jax.models import build_model, init_variables  # noqa: PLC0415
 
     model = build_model(config.model)
@@ -439,6 +441,72 @@ def eval_programs(config: Any, device: Any, hbm_bytes: int | None) -> list[Progr
     variables = _abstract(
         jax.eval_shape(lambda key: init_variables(model, key), jax.random.key(0)), on_chip
     )
+    settings = inference_settings(config.test)
+    padded, unpadded = [], []
+    for image in eval_image_shapes(config):
+        group = predict.eval_program_group(image, settings, model.apply)
+        if group[0] == "padded":
+            padded.append(group[1])
+        else:
+            unpadded.append(tuple(image))
+    reports = []
+    for bucket in sorted(set(padded)):
+        reports += _padded_eval_programs(config, model, variables, bucket, on_chip, hbm_bytes)
+    if unpadded:
+        reports += _unpadded_eval_programs(config, model, variables, unpadded, on_chip, hbm_bytes)
+    return reports
+
+
+def _padded_eval_programs(config, model, variables, bucket, on_chip, hbm_bytes):
+    """One program per scale of the exact padded prediction of a ``bucket`` x ``bucket`` image
+    (``slr_jax.infer.predict._padded_predict``'s arguments, abstract)."""
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from slr_jax.constants import MASK_STRIDE  # noqa: PLC0415
+    from slr_jax.infer import predict  # noqa: PLC0415
+    from slr_jax.infer.preprocess import reference_scaled_size  # noqa: PLC0415
+    from slr_jax.models.slrnet import padded_region  # noqa: PLC0415
+
+    def spec(shape, dtype=np.float32):
+        return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=on_chip)
+
+    views_per_scale = 2 if config.test.flip else 1
+    classes = int(config.model.num_classes)
+    program = predict._padded_program(model.apply)
+    reports, seen = [], set()
+    for scale in config.test.scales:
+        padded = reference_scaled_size((bucket, bucket), float(scale))
+        if padded in seen:
+            continue
+        seen.add(padded)
+        region = jax.tree_util.tree_map(
+            lambda a: spec(a.shape, a.dtype), padded_region(padded, padded)
+        )
+        grid = [predict._grid_length(d, MASK_STRIDE) for d in padded]
+        args = (
+            variables,
+            spec((views_per_scale, *padded, 3)),
+            region,
+            spec((bucket, grid[0])),
+            spec((bucket, grid[1])),
+            spec((bucket, grid[1])),
+            spec((bucket, bucket, classes)),
+            spec((classes - 1,)),
+        )
+        name = f"eval_padded_{bucket}@{float(scale):g}"
+        reports.append(compile_program(name, "eval", program, args, hbm_bytes))
+    return reports
+
+
+def _unpadded_eval_programs(config, model, variables, images, on_chip, hbm_bytes):
+    """Per view shape of ``images``: the network forward and its resize to the image."""
+    import jax  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    from slr_jax.constants import MASK_STRIDE  # noqa: PLC0415
+    from slr_jax.infer import predict  # noqa: PLC0415
+
     step = int(config.test.bucket_step)
     stride = MASK_STRIDE if step else 1
     rescore = bool(step) and str(config.test.mode) == "test"
@@ -447,7 +515,7 @@ def eval_programs(config: Any, device: Any, hbm_bytes: int | None) -> list[Progr
     views_per_scale = 2 if config.test.flip else 1
     classes = int(config.model.num_classes)
     reports = []
-    for scale, (h, w), (height, width) in eval_view_shapes(config):
+    for scale, (h, w), (height, width) in eval_view_shapes(config, images):
         views = jax.ShapeDtypeStruct((views_per_scale, h, w, 3), np.float32, sharding=on_chip)
         valid = jax.ShapeDtypeStruct((2,), np.int32, sharding=on_chip)
         tag = f"{h}x{w}@{scale:g}"
@@ -689,27 +757,21 @@ def _cache_folder() -> str:
     return os.path.join(cache_home, "slr_jax")
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    try:
-        tpu = parse_slice(_TOPOLOGY.value) if _TOPOLOGY.value else None
-    except TopologyError as error:
-        sys.exit(print(f"error: {error}", file=sys.stderr) or 2)
-    from slr_jax.config import validate_config  # noqa: PLC0415
+class DoesNotFit(SlrJaxError):
+    """A program does not fit the chip's memory (its message names the fix)."""
 
-    try:
-        config = main_lib.resolve_config("train")
-        validate_config(config, "train")
-        if tpu is None:
-            # libtpu's compile-only client writes cache entries it cannot read back
-            # ("PjRtCompiler must be constructed with a Client"): the cache serves local runs.
-            main_lib.enable_compilation_cache(config, _cache_folder())
-        report = run_preflight(config, tpu, kinds=_PROGRAMS.value, max_batch=_MAX_BATCH.value)
-    except (SlrJaxError, TopologyError) as error:
-        if main_lib._DEBUG.value:
-            raise
-        sys.exit(f"error: {error}")
+
+def _main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise FlagError(f"unexpected arguments {argv[1:]} (see --help)")
+    tpu = parse_slice(_TOPOLOGY.value) if _TOPOLOGY.value else None
+    config = main_lib.resolve_config("train")
+    validate_config(config, "train")
+    if tpu is None:
+        # libtpu's compile-only client writes cache entries it cannot read back
+        # ("PjRtCompiler must be constructed with a Client"): the cache serves local runs.
+        main_lib.enable_compilation_cache(config, _cache_folder())
+    report = run_preflight(config, tpu, kinds=_PROGRAMS.value, max_batch=_MAX_BATCH.value)
     programs, target = report.pop("_reports"), report.pop("_target")
     print(format_table(report))
     if _JSON.value:
@@ -717,7 +779,13 @@ def main(argv: list[str]) -> None:
             json.dump(report, f, indent=2)
     misfit = next((p for p in programs if not p.fits), None)
     if misfit is not None:
-        sys.exit(f"error: {_fix(config, misfit, target, report['per_chip_batch'])}")
+        raise DoesNotFit(_fix(config, misfit, target, report["per_chip_batch"]))
+    return cli.EXIT_OK
+
+
+def main(argv: list[str]) -> None:
+    """absl's main: :func:`_main` under :func:`slr_jax.cli.run_cli` (one line per user error)."""
+    cli.run_cli(functools.partial(_main, argv), debug=main_lib._DEBUG.value)
 
 
 def run() -> None:
