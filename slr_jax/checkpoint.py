@@ -29,6 +29,8 @@ from jax.sharding import Mesh
 
 from slr_jax.cli import free_space, storage_cause
 from slr_jax.errors import CheckpointError, StorageError
+from slr_jax.models import build_model, variable_shapes
+from slr_jax.models.shapes import check_tree_shapes
 
 METADATA_FILE = "slr_jax_metadata.json"
 VARIABLES_DIR = "variables"
@@ -97,38 +99,6 @@ def load_metadata(directory: str | os.PathLike) -> dict:
     """The metadata of a variables checkpoint ({} when it has none)."""
     meta_path = _abs(directory) / METADATA_FILE
     return json.loads(meta_path.read_text()) if meta_path.exists() else {}
-
-
-def check_tree_shapes(
-    expected: Any, actual: Any, what: str = "checkpoint", shown: int = 12
-) -> None:
-    """Raises one CheckpointError counting the missing, unexpected and wrong-shaped leaves and
-    listing the first ``shown`` of them."""
-    exp = {jax.tree_util.keystr(k): _shape(v) for k, v in _flatten(expected)}
-    got = {jax.tree_util.keystr(k): _shape(v) for k, v in _flatten(actual)}
-    missing = sorted(set(exp) - set(got))
-    unexpected = sorted(set(got) - set(exp))
-    wrong = sorted(k for k in set(exp) & set(got) if exp[k] != got[k])
-    if missing or unexpected or wrong:
-        lines = [f"  missing: {k} {exp[k]}" for k in missing]
-        lines += [f"  unexpected: {k} {got[k]}" for k in unexpected]
-        lines += [f"  wrong shape: {k} expected {exp[k]}, got {got[k]}" for k in wrong]
-        head = (
-            f"{what} does not fit the model ({len(missing)} missing, {len(unexpected)} "
-            f"unexpected, {len(wrong)} wrong-shaped leaves):"
-        )
-        more = [f"  ... and {len(lines) - shown} more"] if len(lines) > shown else []
-        raise CheckpointError("\n".join([head, *lines[:shown], *more]))
-
-
-def _shape(leaf: Any) -> tuple:
-    """A leaf's shape: arrays, ShapeDtypeStructs and Orbax's stored-array metadata."""
-    shape = getattr(leaf, "shape", None)
-    return tuple(shape) if shape is not None else np.shape(leaf)
-
-
-def _flatten(tree: Any):
-    return jax.tree_util.tree_flatten_with_path(tree)[0]
 
 
 def load_initial_weights(variables: dict, path: str) -> dict:
@@ -490,8 +460,6 @@ def load_model_variables(model_cfg: Any, checkpoint: str) -> dict:
     """``{'params', 'batch_stats'}`` from a training workdir (its best, else latest, intact
     step) or a variables checkpoint, checked against the model ``model_cfg`` builds: first the
     settings the checkpoint records, then every leaf's shape."""
-    from slr_jax.models import build_model, variable_shapes
-
     path = _abs(checkpoint)
     if not path.is_dir():
         raise CheckpointError(

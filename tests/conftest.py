@@ -1,4 +1,10 @@
-"""Shared pytest setup: CPU-only JAX, float32 matmuls at full precision, quiet TensorFlow.
+"""Shared pytest setup: CPU-only JAX, float32 matmuls at full precision, quiet TensorFlow, and
+one persistent XLA compilation cache for the whole session.
+
+XLA:CPU compiles a train step in tens of seconds to minutes; many tests build the same programs
+again (same network, same shapes, new closures), and every session compiles what the last one
+did. The cache (``$SLR_JAX_TEST_XLA_CACHE``, default ``.pytest_cache/d/jax_compile_cache``;
+``none`` turns it off) makes each such program compile once per machine.
 
 Tests that compare against the official PyTorch code read its checkout from the environment
 variable ``SLR_REFERENCE_REPO`` (a clone of github.com/DesertsP/SLRNet) and are skipped, with
@@ -18,6 +24,28 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 REFERENCE_ENV = "SLR_REFERENCE_REPO"
+CACHE_ENV = "SLR_JAX_TEST_XLA_CACHE"
+# Programs that compile faster than this are not worth a disk write and read.
+CACHE_MIN_COMPILE_S = 0.5
+
+
+def pytest_configure(config):
+    """Points JAX's persistent compilation cache at the session folder (see the docstring)."""
+    folder = os.environ.get(CACHE_ENV, "").strip()
+    if not folder:
+        cache = getattr(config, "cache", None)  # None with -p no:cacheprovider
+        folder = str(cache.mkdir("jax_compile_cache")) if cache is not None else ""
+    if folder and folder.lower() != "none":
+        os.environ[CACHE_ENV] = folder  # for the fixtures below and test subprocesses
+        jax.config.update("jax_compilation_cache_dir", folder)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_S)
+
+
+@pytest.fixture(scope="session")
+def xla_cache_dir() -> str | None:
+    """The session's persistent compilation cache folder (None when turned off)."""
+    folder = os.environ.get(CACHE_ENV, "")
+    return folder if folder and folder.lower() != "none" else None
 
 
 @pytest.fixture(scope="session")

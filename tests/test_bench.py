@@ -2,9 +2,9 @@
 argument checks and helpers; with ``SLR_REFERENCE_REPO`` also a tiny run against the reference.
 
 XLA:CPU compiles the train step slowly (minutes at any width: the time goes with the number of
-ops), so the tiny runs keep one scale of inference and use a persistent compilation cache in a
-fixed temporary folder (``$SLR_JAX_TEST_XLA_CACHE``, default ``<tmp>/slr_jax_test_xla_cache``):
-the first session compiles, later ones load the executables.
+ops), so the tiny runs keep one scale of inference and use the session's persistent compilation
+cache (tests/conftest.py; a temporary folder when that is turned off): the first session
+compiles, later ones load the executables.
 """
 
 from __future__ import annotations
@@ -37,10 +37,8 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def xla_cache():
-    folder = os.environ.get("SLR_JAX_TEST_XLA_CACHE") or os.path.join(
-        tempfile.gettempdir(), "slr_jax_test_xla_cache"
-    )
+def xla_cache(xla_cache_dir):
+    folder = xla_cache_dir or os.path.join(tempfile.gettempdir(), "slr_jax_test_xla_cache")
     names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
     previous = {name: getattr(jax.config, name) for name in names}
     yield folder

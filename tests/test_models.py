@@ -22,7 +22,7 @@ from numerics import assert_close
 
 from configs import common
 from slr_jax.convert import flax_to_torch
-from slr_jax.models import MODES, SLRNet, build_model, variable_shapes
+from slr_jax.models import MODES, SLRNet, build_model, layers, variable_shapes
 from slr_jax.models.backbone import BottleneckBlock, ResBlock, WideResNet38
 from slr_jax.models.heads import (
     ASPP,
@@ -782,6 +782,46 @@ class JitTest(chex.TestCase):
             name = f"{mode} train={train} {jax.tree_util.keystr(path)} ({self.variant.type.name})"
             is_prob = getattr(path[-1], "key", None) in JIT_PROB_KEYS
             assert_close(ours, theirs, rtol=JIT_PROB_TOL if is_prob else JIT_RTOL, what=name)
+
+
+@pytest.mark.parametrize(
+    "size, dilation, stride", [(5, 1, 1), (8, 2, 1), (8, 12, 1), (13, 5, 2), (6, 36, 1), (1, 1, 1)]
+)
+def test_conv_leaves_out_only_taps_that_read_padding(size, dilation, stride):
+    """``layers.conv`` (which drops the kernel rows/columns that read only padding) gives
+    lax's full-kernel conv's outputs and both gradients, and really drops them when the
+    dilation reaches past the input (the ASPP on a small grid: the centre tap alone)."""
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, size, size + 3, 4)), jnp.float32)
+    layer = layers.conv(3, 3, stride=stride, dilation=dilation, use_bias=True)
+    params = layer.init(jax.random.key(0), x)["params"]
+    pad = ((dilation, dilation),) * 2
+    dn = ("NHWC", "HWIO", "NHWC")
+
+    def full(p, x):
+        y = jax.lax.conv_general_dilated(
+            x, p["kernel"], (stride, stride), pad, rhs_dilation=(dilation,) * 2,
+            dimension_numbers=dn, precision="highest",
+        )  # fmt: skip
+        return y + p["bias"]
+
+    def ours(p, x):
+        return layer.apply({"params": p}, x)
+
+    g = jnp.asarray(np.random.default_rng(1).normal(size=full(params, x).shape), jnp.float32)
+    for f in (full, ours):
+        assert f(params, x).shape == g.shape
+    want = jax.value_and_grad(lambda p, x: jnp.vdot(full(p, x), g), argnums=(0, 1))(params, x)
+    got = jax.value_and_grad(lambda p, x: jnp.vdot(ours(p, x), g), argnums=(0, 1))(params, x)
+    for a, b, what in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want),
+                          ("loss", "bias grad", "kernel grad", "input grad")):  # fmt: skip
+        assert_close(a, b, rtol=1e-5, what=what)
+    kernels = [
+        e.invars[1].aval.shape[:2]
+        for e in jax.make_jaxpr(ours)(params, x).eqns
+        if e.primitive.name == "conv_general_dilated"
+    ]
+    # Along an axis no shorter than the dilation, every tap reads some input.
+    assert kernels == [tuple(1 if dilation >= n else 3 for n in (size, size + 3))], kernels
 
 
 def test_remat_gives_same_outputs_and_gradients():

@@ -58,9 +58,10 @@ def tiny_config(tmp: Path):
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """A persistent XLA cache for this module (and its subprocess): one compile per program."""
-    folder = tmp_path_factory.mktemp("xla_cache")
+def compile_cache(tmp_path_factory, xla_cache_dir):
+    """A persistent XLA cache for this module (and its subprocess): one compile per program
+    (the session's, tests/conftest.py, else a temporary one)."""
+    folder = xla_cache_dir or tmp_path_factory.mktemp("xla_cache")
     previous = {
         name: getattr(jax.config, name)
         for name in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")

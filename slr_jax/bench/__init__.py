@@ -35,7 +35,8 @@ the step minus the forward with loss) to show where the time goes. Results: docs
 Modules: ``configfile`` (config file and overrides), ``inputs`` (batch and photograph),
 ``jax_side`` and ``reference_side`` (what each framework runs), ``timing`` (alternating
 calls, medians), ``memory`` (device peaks, process RSS), ``flops`` (XLA's count, bf16 peaks),
-``report`` (the JSON report's sections, the summary), ``runner`` (``run``), ``cli``. The
+``report`` (the JSON report's sections, the summary), ``options`` (flags, the checked config,
+XLA settings), ``runner`` (``run``), ``process_memory`` (one side alone), ``cli``. The
 reference network and the random images come from ``slr_jax.parity``.
 """
 
@@ -51,14 +52,14 @@ from slr_jax.bench.configfile import REPO_ROOT as _REPO_ROOT  # noqa: E402
 if str(_REPO_ROOT) not in _sys.path:
     _sys.path.insert(0, str(_REPO_ROOT))  # config files import ``configs.common``
 
-from slr_jax.bench.cli import build_parser, main  # noqa: E402
+from slr_jax.bench.cli import main  # noqa: E402
 from slr_jax.bench.configfile import (  # noqa: E402
     DEFAULT_CONFIG,
     BenchError,
     _override,
     _parse_value,
-    _split_overrides,
     load_config,
+    split_overrides,
 )
 from slr_jax.bench.flops import (  # noqa: E402
     PEAK_BF16_TFLOPS,
@@ -70,13 +71,14 @@ from slr_jax.bench.inputs import make_inputs, make_photo  # noqa: E402
 from slr_jax.bench.jax_side import JaxSide  # noqa: E402
 from slr_jax.bench.memory import (  # noqa: E402
     RssSampler,
-    _current_rss,
     _device_peak_bytes,
     _memory_entry,
+    current_rss,
 )
+from slr_jax.bench.options import MIN_CROP, build_parser  # noqa: E402
 from slr_jax.bench.reference_side import ReferenceSide  # noqa: E402
 from slr_jax.bench.report import _versions, format_report  # noqa: E402
-from slr_jax.bench.runner import MIN_CROP, run  # noqa: E402
+from slr_jax.bench.runner import run  # noqa: E402
 from slr_jax.bench.timing import _print_medians, alternate  # noqa: E402
 
 __all__ = [
@@ -87,17 +89,16 @@ __all__ = [
     "JaxSide",
     "ReferenceSide",
     "RssSampler",
-    "_current_rss",
     "_device_peak_bytes",
     "_memory_entry",
     "_override",
     "_parse_value",
     "_print_medians",
-    "_split_overrides",
     "_versions",
     "alternate",
     "build_parser",
     "count_train_step_flops",
+    "current_rss",
     "format_report",
     "load_config",
     "main",
@@ -105,5 +106,6 @@ __all__ = [
     "make_photo",
     "peak_bf16_tflops",
     "run",
+    "split_overrides",
     "xla_flops",
 ]

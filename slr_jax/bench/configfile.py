@@ -72,7 +72,7 @@ def _override(config: Any, key: str, text: str) -> None:
         raise BenchError(f"--config.{key}: {e}") from None
 
 
-def _split_overrides(extra: list[str]) -> list[tuple[str, str]]:
+def split_overrides(extra: list[str]) -> list[tuple[str, str]]:
     """``['--config.a.b=1', '--config.c', '2']`` -> ``[('a.b', '1'), ('c', '2')]``."""
     out, i = [], 0
     while i < len(extra):

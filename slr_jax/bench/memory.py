@@ -9,7 +9,7 @@ import threading
 from typing import Any
 
 
-def _current_rss() -> int | None:
+def current_rss() -> int | None:
     """Resident set size of this process in bytes (Linux ``/proc``), None elsewhere."""
     try:
         with open("/proc/self/statm") as f:
@@ -28,7 +28,7 @@ class RssSampler:
 
     @contextlib.contextmanager
     def measure(self):
-        start = _current_rss()
+        start = current_rss()
         if start is None:
             yield
             return
@@ -37,7 +37,7 @@ class RssSampler:
 
         def sample():
             while not stop.wait(self.interval):
-                peak[0] = max(peak[0], _current_rss() or 0)
+                peak[0] = max(peak[0], current_rss() or 0)
 
         thread = threading.Thread(target=sample, daemon=True)
         thread.start()
@@ -46,7 +46,7 @@ class RssSampler:
         finally:
             stop.set()
             thread.join()
-            peak[0] = max(peak[0], _current_rss() or 0)
+            peak[0] = max(peak[0], current_rss() or 0)
             delta = peak[0] - start
             self.peak_delta = delta if self.peak_delta is None else max(self.peak_delta, delta)
 

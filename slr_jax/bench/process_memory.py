@@ -18,32 +18,30 @@ import json
 import subprocess
 import sys
 
+from slr_jax.bench.configfile import split_overrides
+from slr_jax.bench.inputs import make_inputs
+from slr_jax.bench.jax_side import JaxSide
+from slr_jax.bench.memory import RssSampler, current_rss
+from slr_jax.bench.options import build_parser, configure, xla_settings
+from slr_jax.bench.reference_side import ReferenceSide
+
 PROCESS_KIND = "process peak RSS above its RSS after imports and construction (own process)"
 
 
 def measure_side(argv: list[str]) -> dict:
     """Builds one side (``--side``) from the bench's flags and measures its training steps."""
-    from slr_jax.bench.cli import _split_overrides, build_parser
-    from slr_jax.bench.inputs import make_inputs
-    from slr_jax.bench.memory import RssSampler, _current_rss
-    from slr_jax.bench.runner import _configure, _xla_settings
-
     parser = build_parser()
     parser.add_argument("--side", required=True, choices=("slr_jax", "reference"))
     args, extra = parser.parse_known_args(argv)
-    config, (crop, batch, _) = _configure(args, _split_overrides(extra))
-    compiler_options = _xla_settings(args)
+    config, (crop, batch, _) = configure(args, split_overrides(extra))
+    compiler_options = xla_settings(args)
     inputs = make_inputs(batch, crop, int(config.model.num_classes), args.seed)
     if args.side == "slr_jax":
-        from slr_jax.bench.jax_side import JaxSide
-
         side = JaxSide(config, inputs, args.seed, compiler_options)
     else:
-        from slr_jax.bench.reference_side import ReferenceSide
-
         side = ReferenceSide(args.reference_repo, config, inputs, args.seed,
                              args.torch_threads, args.reference_detect_anomaly)  # fmt: skip
-    baseline = _current_rss()
+    baseline = current_rss()
     sampler = RssSampler()
     with sampler.measure():
         for _ in range(args.warmup + args.steps):

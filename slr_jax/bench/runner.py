@@ -4,7 +4,6 @@ and (``--pieces``) parts of the step timed, memory and FLOPs measured, the repor
 from __future__ import annotations
 
 import argparse
-import ast
 import os
 import resource
 import time
@@ -13,10 +12,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from slr_jax.bench.configfile import BenchError, load_config
+from slr_jax.bench.configfile import BenchError
 from slr_jax.bench.inputs import make_inputs, make_photo, voc_like_sizes
 from slr_jax.bench.jax_side import JaxSide
 from slr_jax.bench.memory import RssSampler, _device_peak_bytes, _memory_entry
+from slr_jax.bench.options import configure, xla_settings
 from slr_jax.bench.process_memory import in_own_process
 from slr_jax.bench.reference_side import ReferenceSide
 from slr_jax.bench.report import (
@@ -32,17 +32,16 @@ from slr_jax.infer.predict import eval_programs_compiled
 from slr_jax.models import build_model, variable_shapes
 from slr_jax.parity.reference import load_reference
 
-MIN_CROP = 33
 JAX_PEAK_KIND = "jax device peak_bytes_in_use (process lifetime)"
 TORCH_PEAK_KIND = "torch.cuda.max_memory_allocated"
 
 
 def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> dict:
     """Runs the benchmark described by the parsed command line; returns the JSON report."""
-    config, (crop, batch, infer_size) = _configure(args, overrides)
+    config, (crop, batch, infer_size) = configure(args, overrides)
     with_ref = args.reference_repo is not None
     _check_reference(args, config)
-    compiler_options = _xla_settings(args)
+    compiler_options = xla_settings(args)
     load_start = _load_average()
     inputs = make_inputs(batch, crop, int(config.model.num_classes), args.seed)
     photo = make_photo(infer_size, args.seed) if infer_size else None
@@ -99,38 +98,6 @@ def eval_programs_on_cpu(config) -> int:
     return counted["programs"]
 
 
-def _configure(args: argparse.Namespace, overrides: list[tuple[str, str]]):
-    """The config with the command line's sizes and dtype, checked: ``(config, (crop, batch,
-    inference size))``."""
-    config = load_config(args.config, overrides)
-    on_cpu = jax.default_backend() == "cpu"
-    batch = args.batch or (2 if on_cpu else 8)
-    crop = int(args.crop)
-    infer_size = crop if args.infer_size is None else int(args.infer_size)
-    if (
-        min(batch, args.steps, args.warmup, args.piece_steps) < 1
-        or crop < MIN_CROP
-        or infer_size < 0
-    ):
-        raise BenchError(
-            f"need --crop >= {MIN_CROP}, --batch, --steps, --warmup, --piece-steps >= 1 and "
-            f"--infer-size >= 0; got {crop}, {batch}, {args.steps}, {args.warmup}, {infer_size}"
-        )
-    with config.ignore_type():
-        config.train.batch_size = batch
-        config.dataset.crop_size = crop
-        if args.dtype:
-            config.model.dtype = args.dtype
-        config.train.init_checkpoint = ""  # random weights: the speed does not depend on them
-    from slr_jax.config import ConfigError, validate_config
-
-    try:
-        validate_config(config)
-    except ConfigError as e:
-        raise BenchError(str(e)) from None
-    return config, (crop, batch, infer_size)
-
-
 def _check_reference(args: argparse.Namespace, config: Any) -> None:
     """With ``--reference-repo``: the reference's architecture, PyTorch and the checkout."""
     if args.reference_repo is None:
@@ -148,29 +115,6 @@ def _check_reference(args: argparse.Namespace, config: Any) -> None:
             "--reference-repo needs PyTorch (CPU is enough): pip install torch"
         ) from None
     load_reference(args.reference_repo, "wsss")  # a bad path fails before any work
-
-
-def _xla_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """Turns on the persistent compilation cache (``--xla-cache-dir``); returns the compiler
-    options of ``--xla-option KEY=VALUE`` (values as Python literals where they parse)."""
-    if args.xla_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", args.xla_cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        # Experimental module, imported only when asked for: not every JAX release has it.
-        from jax.experimental.compilation_cache import compilation_cache
-
-        compilation_cache.reset_cache()  # takes the folder even after earlier compilations
-
-    compiler_options = {}
-    for item in args.xla_option:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise BenchError(f"--xla-option needs KEY=VALUE, got {item!r}")
-        try:
-            compiler_options[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            compiler_options[key] = text
-    return compiler_options
 
 
 def _load_average():

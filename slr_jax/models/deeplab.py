@@ -53,6 +53,7 @@ import ml_collections
 from slr_jax.models.backbone import scale_channels
 from slr_jax.models.layers import BatchNorm, compute_dtype, conv
 from slr_jax.models.resnet import RESNET_LAYERS, ResNet, dilation_for_output_stride
+from slr_jax.models.shapes import check_tree_shapes
 from slr_jax.ops import resize_bilinear_align_corners
 
 ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
@@ -295,9 +296,6 @@ def with_backbone(variables: dict, backbone: dict) -> dict:
     """``variables`` of a DeepLabV3Plus with its ``backbone`` subtrees replaced by
     ``backbone`` (``{'params', 'batch_stats'}`` of a ``ResNet``, e.g. converted ImageNet
     weights from ``slr_jax.convert.convert_torchvision_resnet``); shapes must match."""
-    # Imported here: checkpoint.py pulls in Orbax, which the models package does not need.
-    from slr_jax.checkpoint import check_tree_shapes
-
     out = {}
     for collection in ("params", "batch_stats"):
         tree = dict(variables[collection])

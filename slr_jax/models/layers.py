@@ -1,7 +1,8 @@
 """PyTorch-equivalent building blocks shared by every network here (NHWC).
 
 ``compute_dtype``: the model's computation dtype from its config name. ``conv``: ``nn.Conv``
-with PyTorch's symmetric zero padding. ``BatchNorm``: PyTorch's
+with PyTorch's symmetric zero padding, leaving out the kernel taps that would read only padding
+(``conv_without_padding_taps``). ``BatchNorm``: PyTorch's
 ``BatchNorm2d`` semantics, including its running-variance update (see the class).
 """
 
@@ -62,8 +63,49 @@ def conv(
         use_bias=use_bias,
         dtype=dtype,
         kernel_init=KERNEL_INITS[init],
+        conv_general_dilated=conv_without_padding_taps,
         name=name,
     )
+
+
+def conv_without_padding_taps(lhs, rhs, window_strides, padding, **kwargs) -> jax.Array:
+    """``lax.conv_general_dilated`` (NHWC, HWIO, explicit padding) that leaves out every kernel
+    row or column whose taps read only zero padding, for all outputs.
+
+    A dilated 3x3 conv whose dilation reaches past the feature map (the ASPP's rates 12-36 on
+    a 6-21 px grid of deep features) multiplies eight of its nine taps by padding alone: the
+    result is the same with the centre tap only, for a ninth of the FLOPs, and the weight
+    gradient of the dropped taps is zero either way. The kernel is sliced, so parameters and
+    their gradients keep their full shape; anything else (input dilation, string padding)
+    goes to ``lax.conv_general_dilated`` unchanged.
+    """
+    conv = jax.lax.conv_general_dilated
+    spatial = tuple(range(1, lhs.ndim - 1))
+    channels_last = jax.lax.ConvDimensionNumbers(
+        (0, lhs.ndim - 1, *spatial), (lhs.ndim - 1, lhs.ndim - 2, *range(lhs.ndim - 2)),
+        (0, lhs.ndim - 1, *spatial),
+    )  # fmt: skip
+    if (
+        isinstance(padding, str)
+        or kwargs.get("dimension_numbers") != channels_last
+        or any(d != 1 for d in kwargs.get("lhs_dilation") or ())
+    ):
+        return conv(lhs, rhs, window_strides, padding, **kwargs)
+    rhs_dilation = kwargs.get("rhs_dilation") or (1,) * len(spatial)
+    keep, new_padding = [], []
+    for n, k, d, s, (lo, hi) in zip(
+        lhs.shape[1:-1], rhs.shape[:-2], rhs_dilation, window_strides, padding
+    ):
+        out = (n + lo + hi - (k - 1) * d - 1) // s + 1
+        # Tap i reads input rows i*d - lo ... (out-1)*s + i*d - lo; live if any is in [0, n).
+        live = [i for i in range(k) if i * d - lo < n and (out - 1) * s + i * d - lo >= 0]
+        first, last = (live[0], live[-1]) if live else (0, k - 1)
+        lo2, hi2 = lo - first * d, hi - (k - 1 - last) * d
+        if lo2 < 0 or hi2 < 0:
+            first, last, lo2, hi2 = 0, k - 1, lo, hi
+        keep.append(slice(first, last + 1))
+        new_padding.append((lo2, hi2))
+    return conv(lhs, rhs[tuple(keep)], window_strides, new_padding, **kwargs)
 
 
 class BatchNorm(nn.Module):
