@@ -5,7 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from slr_jax.ops.resize import resize_bilinear_align_corners, scaled_size
+from slr_jax.ops.resize import (
+    interp_matrix,
+    interp_matrix_np,
+    resize_bilinear_align_corners,
+    scaled_size,
+)
 
 torch = pytest.importorskip("torch")
 
@@ -57,3 +62,32 @@ def test_identity_and_bad_input():
 def test_scaled_size_truncates_like_python_int():
     assert scaled_size((321, 321), 0.5) == (160, 160)
     assert scaled_size((161, 97), 0.5) == (80, 48)
+
+
+# Sizes the models meet (crops 33..481, their halves, strides 4 and 8, inference scales) and
+# awkward ones (1, primes, up- and downscaling by non-integer factors).
+_SIZES = (1, 2, 5, 13, 25, 41, 48, 80, 97, 161, 321, 481)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_in_program_matrices_equal_the_numpy_ones_bit_for_bit(dtype):
+    """The matrices built inside a jitted program are exactly interp_matrix_np's, cast to the
+    compute dtype (float64 coordinates in float64 mode), for every pair of _SIZES."""
+    pairs = [(i, o) for i in _SIZES for o in _SIZES if i != o]
+    with jax.enable_x64(dtype == "float64"):
+        # One program for every pair (a compile per pair would take minutes).
+        build = jax.jit(lambda: [interp_matrix(i, o, jnp.dtype(dtype)) for i, o in pairs])
+        for (in_size, out_size), ours in zip(pairs, build(), strict=True):
+            ours = np.asarray(ours)
+            expected = interp_matrix_np(in_size, out_size, dtype).astype(dtype)
+            assert ours.dtype == expected.dtype
+            bits = f"u{ours.itemsize}"
+            assert np.array_equal(ours.view(bits), expected.view(bits)), (in_size, out_size)
+
+
+def test_resize_program_has_no_dense_constant():
+    """The (out, in) matrices are not baked into the program as constants: its text stays
+    small however large the resize."""
+    x = jax.ShapeDtypeStruct((1, 321, 321, 4), jnp.float32)
+    text = jax.jit(lambda v: resize_bilinear_align_corners(v, (80, 80))).lower(x).as_text()
+    assert len(text) < 20_000, len(text)

@@ -2,8 +2,10 @@
 
 Why not ``jax.image.resize``: it uses half-pixel centres, a different function. Why not
 ``jax.image.scale_and_translate``: in float32 its kernel weights drift (~1e-4 when halving a
-161 px map). Instead the 1-D interpolation matrices are built once per static shape in float64
-NumPy and applied as two matmuls, which is exact to float32 rounding and maps well to TPU MXUs.
+161 px map). Instead the 1-D interpolation matrices are computed once per static shape in NumPy
+and applied as two matmuls, which is exact to float32 rounding and maps well to TPU MXUs. The
+program rebuilds each matrix from its rows' two taps (``interp_matrix``) instead of holding it
+as a dense constant.
 """
 
 from __future__ import annotations
@@ -44,11 +46,46 @@ def interp_matrix_np(in_size: int, out_size: int, coord_dtype: str = "float32") 
     return mat
 
 
+@functools.lru_cache(maxsize=256)
+def _interp_taps_np(in_size: int, out_size: int, coord_dtype: str, dtype: np.dtype):
+    """Per output row: the two source columns and their weights, rounded to ``dtype`` exactly
+    as ``interp_matrix_np(...).astype(dtype)`` rounds them (a row whose two taps coincide gets
+    their sum on the first and 0 on the second)."""
+    mat = interp_matrix_np(in_size, out_size, coord_dtype).astype(dtype)
+    nonzero = mat != 0
+    lo = np.argmax(nonzero, axis=1)
+    hi = in_size - 1 - np.argmax(nonzero[:, ::-1], axis=1)
+    rows = np.arange(out_size)
+    w_lo = mat[rows, lo]
+    w_hi = np.where(hi != lo, mat[rows, hi], 0).astype(dtype)
+    # Every row has at most two non-zero entries, so these four vectors describe it exactly.
+    rebuilt = np.zeros_like(mat)
+    rebuilt[rows, lo] += w_lo
+    rebuilt[rows, hi] += w_hi
+    if not np.array_equal(rebuilt, mat):
+        raise AssertionError(f"interpolation taps do not rebuild the {in_size}->{out_size} matrix")
+    return lo.astype(np.int32), hi.astype(np.int32), w_lo, w_hi
+
+
 def interp_matrix(in_size: int, out_size: int, dtype=jnp.float32) -> jax.Array:
-    """Align-corners interpolation matrix (out_size, in_size) as a constant of ``dtype``
-    (coordinates rounded as PyTorch rounds them for ``dtype``: float64 for float64)."""
-    coords = "float64" if jnp.dtype(dtype) == jnp.float64 else "float32"
-    return jnp.asarray(interp_matrix_np(int(in_size), int(out_size), coords), dtype=dtype)
+    """Align-corners interpolation matrix (out_size, in_size) of ``dtype`` (coordinates rounded
+    as PyTorch rounds them for ``dtype``: float64 for float64), bit-identical to
+    ``interp_matrix_np(...)`` cast to ``dtype``.
+
+    Built inside the program from ``iota`` and four length-``out_size`` vectors (each row's two
+    source columns and weights) rather than baked in as a dense constant: the dense constants
+    of every resize's (out, in) shape made most of the train step's program text (VOC: 4.4 MB
+    of StableHLO, 1.5 MB without them; docs/scaling.md).
+    """
+    dtype = jnp.dtype(dtype)
+    coords = "float64" if dtype == jnp.float64 else "float32"
+    lo, hi, w_lo, w_hi = _interp_taps_np(int(in_size), int(out_size), coords, dtype)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (int(out_size), int(in_size)), 1)
+    zero = jnp.zeros((), dtype)
+    # x + 0 is exact, so the sum of the two selections is exactly the matrix's entry.
+    return jnp.where(cols == jnp.asarray(lo)[:, None], jnp.asarray(w_lo, dtype)[:, None], zero) + (
+        jnp.where(cols == jnp.asarray(hi)[:, None], jnp.asarray(w_hi, dtype)[:, None], zero)
+    )
 
 
 def resize_bilinear_align_corners(x: jax.Array, size: tuple[int, int]) -> jax.Array:
