@@ -345,7 +345,11 @@ def reference_losses(net, setting: str, batch: Mapping, loss_coeff, seg_on: bool
         + c_code * terms["code_consistency"]
     )
     if semi:
-        terms["seg_labeled"] = seg_l[indicators].mean()
+        # A batch without a pixel-labelled image: the reference's trainer takes the mean of an
+        # empty selection (NaN, which then reaches every weight); slr_jax's loss counts the
+        # term as 0, and so does this loop (the demos' streams hold such batches).
+        labelled = seg_l[indicators]
+        terms["seg_labeled"] = labelled.mean() if labelled.numel() else seg_l.sum() * 0
         total = total + c_seg * terms["seg_labeled"]
     if seg_on:
         total = total + c_seg * terms["seg"]
