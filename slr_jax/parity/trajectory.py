@@ -311,16 +311,23 @@ def reference_optimizer(net, hparams: Mapping, steps_per_epoch: int):
 
 def reference_losses(net, setting: str, batch: Mapping, loss_coeff, seg_on: bool) -> dict:
     """The reference's training forward and its trainer's loss terms (batch means) and total,
-    in the dtype of ``net``."""
+    in the dtype of ``net``. ``setting``: ``wsss`` (tools/train_voc_wss.py), ``semi`` or
+    ``semi_wo_cls`` (both tools/train_voc_semi.py: the mean seg loss of pixel-labelled images
+    always on), or ``supervised`` (:func:`reference_supervised_losses`)."""
     import torch
 
+    if setting == "supervised":
+        return reference_supervised_losses(net, batch, SUPERVISED_AUX_WEIGHT)
     dtype = next(net.parameters()).dtype
     nchw = lambda a: parity._nchw(a).to(dtype)
     x, raw = nchw(batch["image"]), nchw(batch["raw_image"])
     labels = torch.from_numpy(batch["labels"]).to(dtype)
-    if setting == "semi":
+    semi = setting in ("semi", "semi_wo_cls")
+    if semi:
         indicators = torch.from_numpy(batch["is_labeled"])
-        classes = torch.arange(NUM_CLASSES)[None, :, None, None]
+        classes = torch.arange(net.num_classes)[None, :, None, None]
+        if setting == "semi_wo_cls":  # its Net counts background in num_classes + 1
+            classes = classes[:, :-1]
         seg_labels = torch.eq(torch.from_numpy(batch["mask"]).long()[:, None], classes).to(dtype)
         cls_l, seg_l, reg_l, code_l, _, _ = net(x, raw, labels, seg_labels, indicators)
     else:
@@ -337,8 +344,12 @@ def reference_losses(net, setting: str, batch: Mapping, loss_coeff, seg_on: bool
         + c_mask * terms["mask_consistency"]
         + c_code * terms["code_consistency"]
     )
-    if setting == "semi":
-        terms["seg_labeled"] = seg_l[indicators].mean()
+    if semi:
+        # A batch without a pixel-labelled image: the reference's trainer takes the mean of an
+        # empty selection (NaN, which then reaches every weight); slr_jax's loss counts the
+        # term as 0, and so does this loop (the demos' streams hold such batches).
+        labelled = seg_l[indicators]
+        terms["seg_labeled"] = labelled.mean() if labelled.numel() else seg_l.sum() * 0
         total = total + c_seg * terms["seg_labeled"]
     if seg_on:
         total = total + c_seg * terms["seg"]
@@ -346,18 +357,65 @@ def reference_losses(net, setting: str, batch: Mapping, loss_coeff, seg_on: bool
     return terms
 
 
-def run_reference(net, setting: str, hparams: Mapping, batches, masks, steps_per_epoch: int):
-    """The reference's training loop over ``batches`` with the injected ``masks`` (one dict of
-    ``reference_noise`` per step): ``terms`` and ``lr`` (base group) per step and the final
-    ``state`` (NumPy state dict)."""
+# The supervised-only baseline's aux-head weight (slr_jax's loss.aux_weight, the reference's
+# 0.4 of its seg losses).
+SUPERVISED_AUX_WEIGHT = 0.4
+
+
+def reference_supervised_losses(net, batch: Mapping, aux_weight: float) -> dict:
+    """The supervised-only baseline on the reference's network (the reference has no such
+    trainer): its two-view forward (``net(x)``, which stops before its losses), the logits of
+    view 1 from ``last_conv`` and of ``aux_head`` captured, and PyTorch's cross-entropy with
+    ignore 255 against ``mask`` after an align-corners upsampling to the mask's size:
+    ``seg + aux_weight * aux`` (slr_jax's ``losses.supervised_objective``)."""
+    import torch
+    import torch.nn.functional as F
+
+    dtype = next(net.parameters()).dtype
+    captured: dict = {}
+    keep_first = lambda name: lambda m, a, out: captured.setdefault(name, out)
+    hooks = [
+        net.last_conv.register_forward_hook(keep_first("seg")),
+        net.aux_head.register_forward_hook(keep_first("aux")),
+    ]
+    try:
+        net(parity._nchw(batch["image"]).to(dtype))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    mask = torch.from_numpy(np.asarray(batch["mask"])).long()
+
+    def ce(logits):
+        logits = F.interpolate(logits, mask.shape[-2:], mode="bilinear", align_corners=True)
+        return F.cross_entropy(logits, mask, ignore_index=255)
+
+    terms = {"seg": ce(captured["seg"]), "aux": ce(captured["aux"])}
+    terms["total"] = terms["seg"] + aux_weight * terms["aux"]
+    return terms
+
+
+def run_reference(
+    net,
+    setting: str,
+    hparams: Mapping,
+    batches,
+    masks,
+    steps_per_epoch: int,
+    progress=None,
+):
+    """The reference's training loop over ``batches``, with the injected ``masks`` (one dict of
+    ``reference_noise`` per step) or, for ``masks=None``, the reference's own dropout and gate
+    draws: ``terms`` and ``lr`` (base group) per step and the final ``state`` (NumPy state
+    dict). ``progress(step, metrics)`` (if given) is called after every step."""
     optimizer, schedule = reference_optimizer(net, hparams, steps_per_epoch)
     pretrain_epochs = int(hparams["pretrain_epochs"])
     history = []
-    for k, (batch, step_masks) in enumerate(zip(batches, masks)):
+    for k, batch in enumerate(batches):
         seg_on = k // steps_per_epoch > pretrain_epochs
         net.train()
         lr = optimizer.param_groups[0]["lr"]
-        with injected_noise(net, step_masks):
+        noise = contextlib.nullcontext() if masks is None else injected_noise(net, masks[k])
+        with noise:
             terms = reference_losses(net, setting, batch, hparams["loss_coeff"], seg_on)
         optimizer.zero_grad()
         terms["total"].backward()
@@ -365,6 +423,8 @@ def run_reference(net, setting: str, hparams: Mapping, batches, masks, steps_per
         if seg_on:
             schedule.step()
         history.append(dict({k: float(v.detach()) for k, v in terms.items()}, lr=lr))
+        if progress is not None:
+            progress(k, history[-1])
     state = {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}
     return {"metrics": history, "state": state}
 
