@@ -198,7 +198,23 @@ def run_cli(main: Callable[[], int | None], *, debug: bool = False) -> NoReturn:
         status, message = described
         _flush_logs()
         print(f"error: {message}", file=sys.stderr)
+        _quiet_shutdown()
     sys.exit(status or EXIT_OK)
+
+
+def _quiet_shutdown() -> None:
+    """After the ``error:`` line: what libraries print while the interpreter shuts down (Orbax's
+    and asyncio's background threads failing on a closed event loop after a failed save) goes
+    to the log file (or nowhere), so the error line stays the last word on the terminal."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    target = _TERMINAL_FILTER.log_file or os.devnull
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError:  # the log's disk may be the full one
+        fd = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(fd, sys.stderr.fileno())
+    os.close(fd)
 
 
 def _flush_logs() -> None:
