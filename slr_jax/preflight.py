@@ -38,12 +38,24 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
+import numpy as np
 from absl import app, flags
+from jax import monitoring
+from jax.experimental import topologies
+from jax.sharding import Mesh, SingleDeviceSharding
 
-from slr_jax import cli
+from slr_jax import cli, pretrain, train
 from slr_jax import main as main_lib
 from slr_jax.config import validate_config
+from slr_jax.constants import MASK_STRIDE
 from slr_jax.errors import ConfigError, FlagError, SlrJaxError
+from slr_jax.infer import predict
+from slr_jax.infer.preprocess import bucket_size, reference_scaled_size
+from slr_jax.infer.runner import inference_settings
+from slr_jax.models import build_model, init_variables
+from slr_jax.models.slrnet import padded_region
+from slr_jax.sharding import data_sharded, replicated
 
 GIB = 1 << 30
 # HBM per chip (Cloud TPU documentation of each generation).
@@ -110,7 +122,6 @@ class Slice:
     def devices(self) -> list:
         # Compile-only: libtpu's one-process-per-machine lock guards TPU hardware, not this.
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-        from jax.experimental import topologies  # noqa: PLC0415
 
         megacore = CORES_PER_CHIP[self.generation] > 1
         desc = topologies.get_topology_desc(
@@ -248,7 +259,6 @@ class _CacheHits:
     @classmethod
     def register(cls) -> None:
         if not cls._registered:
-            from jax import monitoring  # noqa: PLC0415
 
             def listener(event: str, **_: Any) -> None:
                 if event == "/jax/compilation_cache/cache_hits":
@@ -322,7 +332,6 @@ def _refused(name: str, kind: str, seconds: float, message: str, hbm: int | None
 
 
 def _abstract(tree: Any, sharding: Any) -> Any:
-    import jax  # noqa: PLC0415
 
     return jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree
@@ -331,7 +340,6 @@ def _abstract(tree: Any, sharding: Any) -> Any:
 
 def train_batch_shapes(config: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
     """(shape, dtype) of each entry of a global training batch (slr_jax/data/pipeline.py)."""
-    import numpy as np  # noqa: PLC0415
 
     batch, crop = int(config.train.batch_size), int(config.dataset.crop_size)
     classes = int(config.model.num_classes) - 1
@@ -346,11 +354,6 @@ def train_batch_shapes(config: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
 
 def train_program(config: Any, mesh: Any, hbm_bytes: int | None) -> ProgramReport:
     """The train step of ``slr_jax.train.compile_train_step`` on an abstract TrainState."""
-    import jax  # noqa: PLC0415
-
-    from slr_jax import train  # noqa: PLC0415
-    from slr_jax.models import build_model  # noqa: PLC0415
-    from slr_jax.sharding import data_sharded, replicated  # noqa: PLC0415
 
     nominal = max(_NOMINAL_EXAMPLES, int(config.train.batch_size))
     plan = train.plan_steps(config.train, nominal)
@@ -371,10 +374,6 @@ def train_program(config: Any, mesh: Any, hbm_bytes: int | None) -> ProgramRepor
 
 def pretrain_program(config: Any, mesh: Any, hbm_bytes: int | None) -> ProgramReport:
     """Backbone pretraining's step (``slr_jax.pretrain``) on abstract state and batch."""
-    import jax  # noqa: PLC0415
-
-    from slr_jax import pretrain  # noqa: PLC0415
-    from slr_jax.sharding import data_sharded, replicated  # noqa: PLC0415
 
     model = pretrain.build_classifier(config)
     state = jax.eval_shape(
@@ -410,7 +409,6 @@ def eval_view_shapes(
     """(scale, view (h, w) as compiled, image (H, W)) of every evaluation forward program for
     ``image_shapes`` (default :func:`eval_image_shapes`) at ``config.test.scales``, views
     padded to their buckets when ``config.test.bucket_step`` > 0; each program once."""
-    from slr_jax.infer.preprocess import bucket_size, reference_scaled_size  # noqa: PLC0415
 
     step = int(config.test.bucket_step)
     seen, out = set(), []
@@ -429,12 +427,6 @@ def eval_programs(config: Any, device: Any, hbm_bytes: int | None) -> list[Progr
     :func:`eval_image_shapes`, on one chip (each process predicts its own images on its own
     devices): with exact padding (``test.bucket_sizes``, the default) one program per (bucket,
     scale), forward + resize + sum; otherwise per view shape the forward and its resize."""
-    import jax  # noqa: PLC0415
-    from jax.sharding import SingleDeviceSharding  # noqa: PLC0415
-
-    from slr_jax.infer import predict  # noqa: PLC0415
-    from slr_jax.infer.runner import inference_settings  # noqa: PLC0415
-    from slr_jax.models import build_model, init_variables  # noqa: PLC0415
 
     model = build_model(config.model)
     on_chip = SingleDeviceSharding(device)
@@ -460,13 +452,6 @@ def eval_programs(config: Any, device: Any, hbm_bytes: int | None) -> list[Progr
 def _padded_eval_programs(config, model, variables, bucket, on_chip, hbm_bytes):
     """One program per scale of the exact padded prediction of a ``bucket`` x ``bucket`` image
     (``slr_jax.infer.predict._padded_predict``'s arguments, abstract)."""
-    import jax  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
-
-    from slr_jax.constants import MASK_STRIDE  # noqa: PLC0415
-    from slr_jax.infer import predict  # noqa: PLC0415
-    from slr_jax.infer.preprocess import reference_scaled_size  # noqa: PLC0415
-    from slr_jax.models.slrnet import padded_region  # noqa: PLC0415
 
     def spec(shape, dtype=np.float32):
         return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=on_chip)
@@ -501,11 +486,6 @@ def _padded_eval_programs(config, model, variables, bucket, on_chip, hbm_bytes):
 
 def _unpadded_eval_programs(config, model, variables, images, on_chip, hbm_bytes):
     """Per view shape of ``images``: the network forward and its resize to the image."""
-    import jax  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
-
-    from slr_jax.constants import MASK_STRIDE  # noqa: PLC0415
-    from slr_jax.infer import predict  # noqa: PLC0415
 
     step = int(config.test.bucket_step)
     stride = MASK_STRIDE if step else 1
@@ -552,8 +532,6 @@ class Target:
         return len(self.devices)
 
     def mesh(self) -> Any:
-        import numpy as np  # noqa: PLC0415
-        from jax.sharding import Mesh  # noqa: PLC0415
 
         return Mesh(np.asarray(self.devices), ("data",))  # slr_jax.sharding's layout
 
@@ -564,7 +542,6 @@ def tpu_target(tpu: Slice) -> Target:
 
 def local_target() -> Target:
     """The local devices; HBM from the device's memory stats (GPU) or the machine's RAM (CPU)."""
-    import jax  # noqa: PLC0415
 
     devices = jax.devices()
     stats = devices[0].memory_stats() or {}
@@ -697,8 +674,6 @@ def run_preflight(
     """The report (the JSON of ``--json``) of every program of ``config`` on ``tpu`` (None:
     the local devices)."""
     if tpu is not None and not os.environ.get("JAX_PLATFORMS"):
-        import jax  # noqa: PLC0415
-
         # Abstract shapes are traced on the CPU; no TPU backend is looked for.
         jax.config.update("jax_platforms", "cpu")
     target = tpu_target(tpu) if tpu is not None else local_target()
