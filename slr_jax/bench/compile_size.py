@@ -23,7 +23,12 @@ import time
 import jax
 import jax.numpy as jnp
 from absl import app, flags
+from jax.experimental import topologies
 from ml_collections import config_flags
+
+from slr_jax import train
+from slr_jax.models import build_model
+from slr_jax.sharding import data_sharded, replicated
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py).")
 _TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "TPU topology name, e.g. v5e:4x4.")
@@ -37,10 +42,6 @@ _CONSTANT = re.compile(r"stablehlo\.constant dense<(.*?)> : tensor<([^>]*)>")
 
 def abstract_train_inputs(config, mesh):
     """(abstract state, abstract batch, plan, lr fn) for ``config`` on ``mesh``: shapes only."""
-    from slr_jax import train
-    from slr_jax.models import build_model
-    from slr_jax.sharding import data_sharded, replicated
-
     plan = train.StepPlan(steps_per_epoch=100, total_steps=3000, pretrain_steps=500,
                           decay_steps=2500)  # fmt: skip
     lr_fn = plan.learning_rate_fn(config.train.lr)
@@ -86,10 +87,6 @@ def text_statistics(text: str) -> dict:
 def measure(
     config, topology: str, lower_only: bool = False, dump: str = "", dump_compiled: str = ""
 ) -> dict:
-    from jax.experimental import topologies
-
-    from slr_jax import train
-
     topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
     chips = len(topo.devices)
     mesh = topologies.make_mesh(topo, (chips,), ("data",))
