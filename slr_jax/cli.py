@@ -164,6 +164,28 @@ def keep_tracebacks_off_the_terminal() -> None:
 
     threading.excepthook = thread_hook
 
+    # Native threads (TensorStore's, whose callbacks call into asyncio) report a Python
+    # exception with PyErr_Print, i.e. through sys.excepthook, outside any Python thread:
+    # log those too. The main thread's own uncaught exceptions keep the default hook.
+    default_hook = sys.__excepthook__
+
+    def excepthook(exc_type, exc_value, exc_traceback) -> None:
+        if threading.current_thread() is threading.main_thread():
+            default_hook(exc_type, exc_value, exc_traceback)
+            return
+        logging.getLogger("slr_jax").error(
+            "background error: %s", exc_value, exc_info=(exc_type, exc_value, exc_traceback)
+        )
+
+    def unraisable_hook(unraisable) -> None:
+        logging.getLogger("slr_jax").error(
+            "%s: %r", unraisable.err_msg or "exception ignored", unraisable.object,
+            exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback),
+        )  # fmt: skip
+
+    sys.excepthook = excepthook
+    sys.unraisablehook = unraisable_hook
+
 
 def log_to_file(path: str) -> str:
     """Every log record from now on, tracebacks included, also goes to ``path`` (appended);
