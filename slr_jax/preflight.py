@@ -352,8 +352,10 @@ def train_batch_shapes(config: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
     }
 
 
-def train_program(config: Any, mesh: Any, hbm_bytes: int | None) -> ProgramReport:
-    """The train step of ``slr_jax.train.compile_train_step`` on an abstract TrainState."""
+def abstract_train_step(config: Any, mesh: Any) -> tuple[Any, Any, dict]:
+    """(jitted train step, abstract TrainState, abstract global batch) for ``config`` on
+    ``mesh``: the arguments carry their shardings (state replicated, batch split over the data
+    axis); nothing is computed."""
 
     nominal = max(_NOMINAL_EXAMPLES, int(config.train.batch_size))
     plan = train.plan_steps(config.train, nominal)
@@ -364,11 +366,17 @@ def train_program(config: Any, mesh: Any, hbm_bytes: int | None) -> ProgramRepor
         jax.random.key(int(config.seed)),
     )
     step = train.compile_train_step(config, plan, lr_fn, mesh, state)
-    state = _abstract(state, replicated(mesh))
     batch = {
         key: jax.ShapeDtypeStruct(shape, dtype, sharding=data_sharded(mesh))
         for key, (shape, dtype) in train_batch_shapes(config).items()
     }
+    return step, _abstract(state, replicated(mesh)), batch
+
+
+def train_program(config: Any, mesh: Any, hbm_bytes: int | None) -> ProgramReport:
+    """The train step of ``slr_jax.train.compile_train_step`` on an abstract TrainState."""
+
+    step, state, batch = abstract_train_step(config, mesh)
     return compile_program("train_step", "train", step, (state, batch), hbm_bytes)
 
 

@@ -215,3 +215,17 @@ def test_bad_flags_exit_2_with_one_line(flag, message):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
     assert message in result.stderr.strip().splitlines()[-1]
+
+
+def test_compile_size_lowers_the_train_step_it_preflights():
+    """slr_jax.bench.compile_size measures the same abstract train step as the preflight
+    (one definition): lowered for a v5e 2x2 slice, every conv of the network is in the text
+    and the batch is split over the four chips."""
+    from slr_jax.bench import compile_size
+
+    report = compile_size.measure(tiny_config(), "v5e:2x2", lower_only=True)
+    assert report["chips"] == 4
+    assert report["convolutions"] > 100  # forward and backward of the two views
+    assert report["text_chars"] > 100_000 and "compile_s" not in report
+    with pytest.raises(preflight.TopologyError, match="not a TPU slice"):
+        compile_size.measure(tiny_config(), "v5e-2x2", lower_only=True)

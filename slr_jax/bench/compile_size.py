@@ -17,54 +17,20 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import time
 
-import jax
-import jax.numpy as jnp
 from absl import app, flags
-from jax.experimental import topologies
-from ml_collections import config_flags
 
-from slr_jax import train
-from slr_jax.models import build_model
-from slr_jax.sharding import data_sharded, replicated
+from slr_jax import main as main_lib
+from slr_jax import preflight
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "A config file (configs/*.py).")
-_TOPOLOGY = flags.DEFINE_string("topology", "v5e:2x2", "TPU topology name, e.g. v5e:4x4.")
+# --config (slr_jax.main's) and --topology (slr_jax.preflight's) are the flags of those tools.
 _LOWER_ONLY = flags.DEFINE_bool("lower_only", False, "Stop after lowering (text statistics).")
 _DUMP = flags.DEFINE_string("dump", "", "Write the lowered StableHLO text to this file.")
 _DUMP_COMPILED = flags.DEFINE_string("dump_compiled", "", "Write the optimised HLO text here.")
 
 # A dense constant in StableHLO text: ``stablehlo.constant dense<"0x...">`` or ``dense<[...]>``.
 _CONSTANT = re.compile(r"stablehlo\.constant dense<(.*?)> : tensor<([^>]*)>")
-
-
-def abstract_train_inputs(config, mesh):
-    """(abstract state, abstract batch, plan, lr fn) for ``config`` on ``mesh``: shapes only."""
-    plan = train.StepPlan(steps_per_epoch=100, total_steps=3000, pretrain_steps=500,
-                          decay_steps=2500)  # fmt: skip
-    lr_fn = plan.learning_rate_fn(config.train.lr)
-    model = build_model(config.model)
-    state = jax.eval_shape(
-        lambda key: train.create_train_state(config, model, lr_fn, key, init_checkpoint=""),
-        jax.random.key(0),
-    )
-    state = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh)), state
-    )
-    b = int(config.train.batch_size)
-    crop = int(config.dataset.crop_size)
-    classes = int(config.model.num_classes)
-    sharded = data_sharded(mesh)
-    batch = {
-        "image": jax.ShapeDtypeStruct((b, crop, crop, 3), jnp.float32, sharding=sharded),
-        "raw_image": jax.ShapeDtypeStruct((b, crop, crop, 3), jnp.float32, sharding=sharded),
-        "labels": jax.ShapeDtypeStruct((b, classes - 1), jnp.float32, sharding=sharded),
-        "mask": jax.ShapeDtypeStruct((b, crop, crop), jnp.int32, sharding=sharded),
-        "is_labeled": jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=sharded),
-    }
-    return state, batch, plan, lr_fn
 
 
 def text_statistics(text: str) -> dict:
@@ -87,11 +53,9 @@ def text_statistics(text: str) -> dict:
 def measure(
     config, topology: str, lower_only: bool = False, dump: str = "", dump_compiled: str = ""
 ) -> dict:
-    topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
-    chips = len(topo.devices)
-    mesh = topologies.make_mesh(topo, (chips,), ("data",))
-    state, batch, plan, lr_fn = abstract_train_inputs(config, mesh)
-    step = train.compile_train_step(config, plan, lr_fn, mesh, state)
+    target = preflight.tpu_target(preflight.parse_slice(topology))
+    chips, mesh = target.chips, target.mesh()
+    step, state, batch = preflight.abstract_train_step(config, mesh)
     start = time.perf_counter()
     lowered = step.lower(state, batch)
     lower_s = time.perf_counter() - start
@@ -122,12 +86,11 @@ def measure(
 
 def main(argv):
     del argv
-    config = _CONFIG.value
-    if config is None:
-        sys.exit("error: --config is required")
-    result = measure(config, _TOPOLOGY.value, _LOWER_ONLY.value, _DUMP.value, _DUMP_COMPILED.value)
+    config = main_lib.resolve_config("train")
+    topology = flags.FLAGS.topology or "v5e:2x2"
+    result = measure(config, topology, _LOWER_ONLY.value, _DUMP.value, _DUMP_COMPILED.value)
     print(json.dumps(result))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=main_lib.parse_flags)
