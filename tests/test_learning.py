@@ -184,8 +184,8 @@ def test_configs_the_reference_cannot_train_fail_in_one_line():
     config = demo.get_config()
     assert learning.check_config(config) == "wsss"
     assert learning.check_config(demo_supervised.get_config()) == "supervised"
-    config.model.use_low_rank = False
-    with pytest.raises(learning.LearningError, match="use_low_rank"):
+    config.loss.bg_scale = 0.5
+    with pytest.raises(learning.LearningError, match="bg_scale"):
         learning.check_config(config)
 
 
@@ -194,16 +194,19 @@ SETTINGS = {"wsss": (demo, 50), "semi": (demo_semi, 8), "semi_wo_cls": (demo_sem
             "supervised": (demo_supervised, 8)}  # fmt: skip
 
 
+@pytest.mark.parametrize("low_rank", [True, False], ids=["", "without_low_rank"])
 @pytest.mark.parametrize("setting", sorted(SETTINGS))
-def test_both_frameworks_learn_the_same(setting, reference_repo, tmp_path):
+def test_both_frameworks_learn_the_same(setting, low_rank, reference_repo, tmp_path):
     """Pins that slr_jax and the reference, in float64, from the driver's weights (the
     pretrained backbone converted) and batches with the same dropout and gate masks, reach the
     same loss terms at every step (within the trajectory tool's float64 tolerance; 1e-6 for
     the supervised baseline, whose slr_jax cross-entropy is float32) and, their final weights
     converted, the same validation scores. 50 steps for WSSS (its seg loss and
-    cosine decay from step 25), a few for the other settings."""
+    cosine decay from step 25), a few for the other settings; with and without the low-rank
+    module (the reference's swapped for ``learning.drop_low_rank``'s pass-through)."""
     module, steps = SETTINGS[setting]
     config = tiny_config(tmp_path, module, steps)
+    config.model.use_low_rank = low_rank
     config.model.width = 0.125  # a width at which the reference's channel sums stay sums
     config.dataset.num_train = 2 * steps if setting == "wsss" else 8
     assert learning.check_config(config) == setting

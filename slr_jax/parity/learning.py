@@ -58,11 +58,13 @@ from slr_jax.parity import trajectory
 REFERENCE_MODULE = {"wsss": "wsss", "semi": "semi", "semi_wo_cls": "semi_wo_cls",
                     "supervised": "semi_wo_cls"}  # fmt: skip
 # What the reference's code fixes and slr_jax's config can change: (config path, value).
+# ``model.use_low_rank=False`` is not among them: the reference's module is swapped for the
+# ablation's pass-through (``drop_low_rank``).
 REFERENCE_FIXED = {
-    "wsss": {"loss.bg_scale": 0.7, "model.use_low_rank": True},
-    "semi": {"loss.bg_scale": 0.7, "model.use_low_rank": True},
-    "semi_wo_cls": {"loss.bg_scale": 0.9, "loss.pamr_bg_pow": 3.0, "model.use_low_rank": True},
-    "supervised": {"model.use_low_rank": True, "loss.aux_weight": 0.4},
+    "wsss": {"loss.bg_scale": 0.7},
+    "semi": {"loss.bg_scale": 0.7},
+    "semi_wo_cls": {"loss.bg_scale": 0.9, "loss.pamr_bg_pow": 3.0},
+    "supervised": {"loss.aux_weight": 0.4},
 }
 SEED_RESULT = "learning_seed.json"  # one seed's rows and curves, in WORKDIR/seed_S/
 TERMS = ("total", "cls", "seg", "mask_consistency", "code_consistency", "seg_labeled", "aux")
@@ -99,7 +101,7 @@ def _lookup(config, path: str):
 
 def check_config(config) -> str:
     """The setting of ``config``; raises :class:`LearningError` for what the reference's code
-    cannot express (another architecture, its hard-coded constants changed, the ablation)."""
+    cannot express (another architecture, its hard-coded constants changed)."""
     setting = setting_of(config)
     if config.model.arch != "slrnet":
         raise LearningError("the learning comparison trains SLRNet only (model.arch='slrnet')")
@@ -219,6 +221,8 @@ def build_reference_net(repo: str, config, variables: Mapping):
     fixed = {3, num_classes - 1, num_classes}
     with trajectory.scaled_reference_channels(float(config.model.width), fixed):
         net = module.Net(pretrained=None, **reference_kwargs(config))
+    if not config.model.use_low_rank:
+        drop_low_rank(net)
     state = to_reference_state(variables)
     own = net.state_dict()
     # Its PAMR kernels (``_aff.*``) are constants it builds; BatchNorm step counters unused.
@@ -233,6 +237,27 @@ def build_reference_net(repo: str, config, variables: Mapping):
         )
     net.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=False)
     return net
+
+
+def drop_low_rank(net) -> None:
+    """slr_jax's ablation ``model.use_low_rank=False`` in the reference's ``Net`` (which has
+    no switch for it): its ``factorization_reconstruction`` becomes a pass-through without
+    parameters, features unchanged, codes zeros (B, K, N), the dictionary its initialisation,
+    as ``slr_jax.models.slrnet.SLRNet.low_rank`` does; also in ``newly_added``, the list its
+    optimiser groups and state dict walk."""
+    import torch
+
+    class PassThrough(torch.nn.Module):
+        def forward(self, features, dictionary_init):  # (B, N, C), (B, K, C)
+            b, n, _ = features.shape
+            codes = features.new_zeros(b, dictionary_init.shape[1], n)
+            return features, codes, dictionary_init
+
+    old = net.factorization_reconstruction
+    net.factorization_reconstruction = PassThrough()
+    for i, module in enumerate(net.newly_added):
+        if module is old:
+            net.newly_added[i] = net.factorization_reconstruction
 
 
 def run_reference(repo: str, config, variables: Mapping, batches: Sequence[dict],
