@@ -31,6 +31,7 @@ from slr_jax.cli import free_space, storage_cause
 from slr_jax.errors import CheckpointError, StorageError
 from slr_jax.models import build_model, variable_shapes
 from slr_jax.models.shapes import check_tree_shapes
+from slr_jax.sharding import replicated
 
 METADATA_FILE = "slr_jax_metadata.json"
 VARIABLES_DIR = "variables"
@@ -250,8 +251,6 @@ class TrainCheckpoints:
         ``WORKDIR/damaged_checkpoints/<step>`` with a warning naming it and the error, and the
         next older step is tried; a CheckpointError lists them when none restores.
         """
-        from slr_jax.sharding import replicated
-
         sharding = replicated(mesh)
         target = jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.asarray(x).dtype, sharding=sharding),

@@ -16,6 +16,7 @@ from slr_jax import sharding, train
 from slr_jax.bench.flops import count_train_step_flops
 from slr_jax.losses import slrnet_objective
 from slr_jax.models import build_model
+from slr_jax.ops import resize_bilinear_align_corners
 from slr_jax.ops.pamr import pamr
 
 
@@ -131,8 +132,6 @@ class JaxSide:
 
         outputs = jax.jit(network)(variables, batch["image"])
         masks = jax.lax.stop_gradient((outputs["masks"] + outputs["masks2"]) / 2.0)
-        from slr_jax.ops import resize_bilinear_align_corners
-
         raw = resize_bilinear_align_corners(batch["raw_image"], masks.shape[1:3])
         pamr_fn = jax.jit(
             lambda r, m: pamr(
