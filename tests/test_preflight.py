@@ -29,6 +29,7 @@ from configs import demo
 from slr_jax import config as config_lib
 from slr_jax import main as main_lib
 from slr_jax import preflight
+from slr_jax.bench import compile_size
 from slr_jax.sharding import data_sharded
 
 REPO = Path(__file__).resolve().parents[1]
@@ -219,10 +220,8 @@ def test_bad_flags_exit_2_with_one_line(flag, message):
 
 def test_compile_size_lowers_the_train_step_it_preflights():
     """slr_jax.bench.compile_size measures the same abstract train step as the preflight
-    (one definition): lowered for a v5e 2x2 slice, every conv of the network is in the text
-    and the batch is split over the four chips."""
-    from slr_jax.bench import compile_size
-
+    (one definition), on a mesh of the slice's chips: lowered for a v5e 2x2 slice, the
+    network's convolutions are in the text; a name that is no slice is refused."""
     report = compile_size.measure(tiny_config(), "v5e:2x2", lower_only=True)
     assert report["chips"] == 4
     assert report["convolutions"] > 100  # forward and backward of the two views

@@ -16,7 +16,7 @@ from slr_jax import sharding, train
 from slr_jax.bench.flops import count_train_step_flops
 from slr_jax.losses import slrnet_objective
 from slr_jax.models import build_model
-from slr_jax.ops import resize_bilinear_align_corners
+from slr_jax.ops import resize_bilinear_align_corners, scaled_size
 from slr_jax.ops.pamr import pamr
 
 
@@ -107,8 +107,6 @@ class JaxSide:
         rngs = {"dropout": key}
 
         def backbone(v, images):
-            from slr_jax.ops import resize_bilinear_align_corners, scaled_size
-
             size = scaled_size(images.shape[1:3], cfg.model.scale_factor)
             small = resize_bilinear_align_corners(images, size)
             run = lambda m, x: m.backbone(x, True)
