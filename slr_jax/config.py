@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from slr_jax.constants import BUCKET_PAD_MODES, COMPUTE_DTYPES, RESIZE_METHODS, VARIANTS
-from slr_jax.errors import ConfigError
+from slr_jax.errors import ConfigError, PretrainError
 
 # Sections whose entries are free-form mappings rather than fixed keys.
 _MAPPING_KEYS = ("crf", "class_pows")
@@ -32,6 +32,8 @@ def flatten_keys(config: Any, prefix: str = "") -> dict[str, Any]:
 
 def check_keys(config: Any) -> None:
     """Raises ConfigError naming keys ``configs/common.py`` does not define, or lacks."""
+    # lazy: slr_jax.main imports this module before --config is loaded, and a broken
+    # configs/common.py must fail there as one line, not as a traceback at import
     from configs import common
 
     known = flatten_keys(common.get_config())
@@ -292,17 +294,28 @@ def _arch_problems(config: Any) -> list[str]:
     return problems
 
 
+def check_pretrain_settings(config: Any) -> None:
+    """Raises PretrainError for ``config.pretrain`` settings that cannot work, before anything
+    is built (``slr_jax.pretrain`` checks them again when it starts)."""
+    cfg = config.pretrain
+    if int(cfg.steps) < 0 or float(cfg.lr) <= 0 or float(cfg.weight_decay) < 0:
+        raise PretrainError(
+            "config.pretrain needs steps >= 0, lr > 0 and weight_decay >= 0; got "
+            f"steps={cfg.steps}, lr={cfg.lr}, weight_decay={cfg.weight_decay}."
+        )
+    if not 0 < float(cfg.momentum) < 1:
+        raise PretrainError(f"config.pretrain.momentum must be in (0, 1), got {cfg.momentum}.")
+
+
 def validate_config(config: Any, mode: str = "train") -> None:
     """Rejects keys that ``configs/common.py`` does not define and impossible values, with
     messages naming the key. ``mode`` 'evaluate' / 'infer' skips what only training uses."""
-    from slr_jax import pretrain
-
     check_keys(config)
     problems = _value_problems(config, mode)
     if mode == "train":
         try:
-            pretrain.check_settings(config)
-        except pretrain.PretrainError as error:
+            check_pretrain_settings(config)
+        except PretrainError as error:
             problems.append(str(error))
     if problems:
         raise ConfigError("invalid config: " + "; ".join(problems) + ".")
@@ -343,7 +356,7 @@ def config_from_json(text: str) -> Any:
     """A training workdir's ``config.json`` as a locked ConfigDict on configs/common.py's keys."""
     import json
 
-    from configs import common
+    from configs import common  # lazy: as in check_keys
 
     saved = json.loads(text)
     saved.pop(CONFIG_HISTORY_KEY, None)
@@ -366,6 +379,7 @@ def config_for_checkpoint(checkpoint: str) -> Any:
 
     from etils import epath
 
+    # lazy: checkpoint imports JAX and orbax; this module stays importable without them
     from slr_jax import checkpoint as checkpoint_lib
 
     path = epath.Path(checkpoint)

@@ -40,8 +40,9 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from slr_jax import cli
+from slr_jax import cli, models
 from slr_jax.checkpoint import CheckpointError, is_variables_checkpoint, save_variables
+from slr_jax.models.resnet import RESNET_LAYERS, resnet_variable_shapes
 
 # Buffers of the reference that are constants of the algorithm, not learned state.
 IGNORED_KEY_SUFFIXES = ("num_batches_tracked",)
@@ -258,8 +259,6 @@ def convert_torchvision_resnet(
     Raises:
       CheckpointError listing every missing, unexpected and wrong-shaped key.
     """
-    from slr_jax.models.resnet import RESNET_LAYERS, resnet_variable_shapes
-
     if depth not in RESNET_LAYERS:
         raise ValueError(f"depth must be one of {sorted(RESNET_LAYERS)}, got {depth}")
     state = {
@@ -308,23 +307,21 @@ def main(argv: list[str] | None = None) -> int:
         raise CheckpointError(
             "slr_jax.convert needs PyTorch to read .pth files: pip install torch"
         ) from None
-    from slr_jax.models import SLRNet, init_variables, variable_shapes
-
     checkpoint = _read_torch_file(torch, args.torch)
     if args.setting in TORCHVISION_RESNETS:
         return _write_torchvision_resnet(checkpoint, args)
     setting = SETTINGS[args.setting]
-    model = SLRNet(**setting)
+    model = models.SLRNet(**setting)
     try:
         state = strip_state_dict(checkpoint)
         if looks_like_backbone_file(state):
             # The heads are not in the file: they start from a random init.
-            init = init_variables(model, jax.random.key(args.seed))
+            init = models.init_variables(model, jax.random.key(args.seed))
             template = jax.tree_util.tree_map(np.asarray, init)
             variables, source = convert_backbone(state, template), "imagenet_backbone"
         else:
             # Every leaf comes from the file, so shapes are enough (no 100M-parameter init).
-            variables = convert_checkpoint(state, variable_shapes(model))
+            variables = convert_checkpoint(state, models.variable_shapes(model))
             source = "reference_checkpoint"
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -393,6 +390,4 @@ def _read_torch_file(torch: Any, path: str) -> Any:
 
 
 if __name__ == "__main__":
-    from slr_jax.cli import run_cli
-
-    run_cli(main)
+    cli.run_cli(main)

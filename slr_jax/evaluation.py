@@ -25,6 +25,9 @@ from PIL import Image
 
 from slr_jax import metrics
 from slr_jax.constants import IGNORE_LABEL, class_names
+from slr_jax.data import eval_dataset
+from slr_jax.infer import normalise_image, run_inference
+from slr_jax.infer.preprocess import example_error, example_fields
 from slr_jax.losses import slrnet_objective
 from slr_jax.models import build_model
 
@@ -42,9 +45,6 @@ def _sum_over_processes(array: np.ndarray) -> np.ndarray:
 def evaluate_model(config: Any, variables: Any, out_dir: str, limit: int = 0) -> dict:
     """Multi-scale inference on the validation split (``config.test``); returns
     ``run_inference``'s summary with scores over every process (each scores its own shard)."""
-    from slr_jax.data import eval_dataset
-    from slr_jax.infer import run_inference
-
     examples = eval_dataset(config, limit=limit or None)
     summary = run_inference(config, variables, examples, out_dir, save_probs=False)
     if jax.process_count() > 1 and summary["confusions"]:
@@ -71,8 +71,6 @@ def make_visuals_fn(config: Any, model: flax.linen.Module) -> Callable:
 def _pseudo_label_map(visuals_fn, variables, image_uint8, labels, size) -> np.ndarray:
     """(H, W) uint8 training pseudo label of one image: resized (PIL bicubic) to the crop size
     ``size``, labelled as the loss labels it, resized back (nearest); unassigned = 0."""
-    from slr_jax.infer import normalise_image
-
     height, width = image_uint8.shape[:2]
     resized = Image.fromarray(image_uint8).resize((size[1], size[0]), Image.Resampling.BICUBIC)
     image = np.asarray(resized)
@@ -93,9 +91,6 @@ def pseudo_label_scores(config: Any, variables: Any, limit: int = 0) -> dict | N
     ground truth, as in training; see :func:`_pseudo_label_map`); pixels the pseudo label
     leaves unassigned count as background, the evaluation's convention for ignored
     predictions. One compiled program for every image size. None without ground truth."""
-    from slr_jax.data import eval_dataset
-    from slr_jax.infer.preprocess import example_error, example_fields
-
     crop = config.dataset.crop_size
     size = (crop, crop) if isinstance(crop, int) else tuple(crop)
     visuals_fn = make_visuals_fn(config, build_model(config.model))

@@ -37,8 +37,9 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from slr_jax import _REPO_ROOT, cli
-from slr_jax.errors import ConfigError, FlagError
+from slr_jax import _REPO_ROOT, cli, resume, workdir_lock
+from slr_jax import config as config_lib
+from slr_jax.errors import ConfigError, FlagError, Preempted
 
 MODES = ("train", "evaluate", "infer")
 EXIT_PREEMPTED = cli.EXIT_PREEMPTED
@@ -110,8 +111,6 @@ def _loaded_config() -> Any:
 def resolve_config(mode: str) -> Any:
     """The run's config: the ``--config`` file for training (required); for evaluate/infer
     the ``--config`` file if given, else the checkpoint's own settings, overrides applied."""
-    from slr_jax import config as config_lib
-
     if mode == "train" and not _config_given():
         raise ConfigError("--mode=train needs --config=configs/<setting>.py.")
     if mode == "train" or _config_given():
@@ -142,6 +141,7 @@ def enable_compilation_cache(config: Any, folder: str) -> str | None:
 def run_evaluate_or_infer(config: Any, mode: str) -> dict:
     """Predictions (and scores where there is ground truth) of a checkpoint on a dataset split
     or on photographs, written to ``--output``."""
+    # lazy: JAX, orbax and tfds load only after the flags parse (fast --help and flag errors)
     from slr_jax import data as data_lib
     from slr_jax import evaluation
     from slr_jax.checkpoint import load_model_variables
@@ -205,8 +205,8 @@ def training_log(workdir: str) -> str:
 
 def run_train(config: Any) -> int:
     """Trains in ``--workdir``; returns the exit status (0, or :data:`EXIT_PREEMPTED`)."""
-    from slr_jax import resume, stage2, workdir_lock
-    from slr_jax.errors import Preempted
+    # lazy: JAX, orbax and tfds load only after the flags parse (fast --help and flag errors)
+    from slr_jax import stage2
     from slr_jax.train import train_and_evaluate
 
     check_workdir(_WORKDIR.value)
@@ -247,12 +247,12 @@ def main(argv: list[str], default_mode: str = "train") -> None:
 def _main(argv: list[str], default_mode: str) -> int:
     if len(argv) > 1:
         raise FlagError(f"unexpected arguments {argv[1:]} (see --help)")
-    from slr_jax.config import validate_config
+    # lazy: sharding imports JAX, needed only once the flags parse
     from slr_jax.sharding import maybe_initialize_distributed
 
     mode = _MODE.value if flags.FLAGS["mode"].present else default_mode
     config = resolve_config(mode)
-    validate_config(config, mode)
+    config_lib.validate_config(config, mode)
     maybe_initialize_distributed(_DISTRIBUTED.value)
     if mode == "train":
         return run_train(config)

@@ -34,6 +34,8 @@ from etils import epath
 from jax.sharding import Mesh
 
 from slr_jax import checkpoint as checkpoint_lib
+from slr_jax import data as data_lib
+from slr_jax.config import check_pretrain_settings
 from slr_jax.errors import Preempted, PretrainError
 from slr_jax.losses import multilabel_soft_margin
 from slr_jax.models.backbone import WideResNet38
@@ -98,18 +100,6 @@ def make_optimizer(pretrain_cfg: Any) -> optax.GradientTransformation:
         optax.add_decayed_weights(float(pretrain_cfg.weight_decay), mask=_weights_only),
         optax.sgd(schedule, momentum=float(pretrain_cfg.momentum), nesterov=True),
     )
-
-
-def check_settings(config: Any) -> None:
-    """Raises PretrainError for settings that cannot work, before anything is built."""
-    cfg = config.pretrain
-    if int(cfg.steps) < 0 or float(cfg.lr) <= 0 or float(cfg.weight_decay) < 0:
-        raise PretrainError(
-            "config.pretrain needs steps >= 0, lr > 0 and weight_decay >= 0; got "
-            f"steps={cfg.steps}, lr={cfg.lr}, weight_decay={cfg.weight_decay}."
-        )
-    if not 0 < float(cfg.momentum) < 1:
-        raise PretrainError(f"config.pretrain.momentum must be in (0, 1), got {cfg.momentum}.")
 
 
 def _labelled_data(config: Any) -> Any:
@@ -272,9 +262,7 @@ def pretrain_backbone(
     (B, C-1)); by default the training pipeline of ``config.dataset``. The batch is sharded over
     the ``data`` axis of ``mesh`` and the variables replicated, as in the SLRNet step.
     """
-    from slr_jax import data as data_lib
-
-    check_settings(config)
+    check_pretrain_settings(config)
     out_dir = epath.Path(workdir) / CHECKPOINT_DIR
     metadata = _metadata(config)
     meta_file = out_dir / checkpoint_lib.METADATA_FILE

@@ -28,8 +28,14 @@ from typing import Any
 
 from absl import logging
 
-from slr_jax import _REPO_ROOT
+from slr_jax import _REPO_ROOT, evaluation
+from slr_jax import data as data_lib
+from slr_jax.checkpoint import load_model_variables
+from slr_jax.config import validate_config
+from slr_jax.data import pipeline
 from slr_jax.errors import ConfigError, DataError, Preempted
+from slr_jax.infer import run_inference
+from slr_jax.train import train_and_evaluate
 
 EXPORT_DIR = "pseudo_labels"
 
@@ -47,8 +53,6 @@ def load_config_file(path: str) -> Any:
 
 def first_stage_config(config: Any) -> Any:
     """The first stage's config: ``stage1.config`` reading this run's dataset folders."""
-    from slr_jax.config import validate_config
-
     first = load_config_file(str(config.stage1.config))
     first.dataset.data_dir = config.dataset.data_dir
     first.dataset.manual_dir = config.dataset.manual_dir
@@ -58,8 +62,6 @@ def first_stage_config(config: Any) -> Any:
 
 
 def _labels_complete(config: Any) -> bool:
-    from slr_jax.data import pipeline
-
     try:
         pipeline.train_examples(config)
     except DataError:
@@ -95,8 +97,6 @@ def prepare(config: Any, workdir: str) -> Any:
 
 def train_first_stage(first: Any, workdir: str) -> dict:
     """Trains (or resumes, or re-evaluates a finished) first stage in ``workdir``."""
-    from slr_jax.train import train_and_evaluate
-
     logging.info("stage 1: training %s in %s", first.model.variant, workdir)
     result = train_and_evaluate(first, workdir)
     if result["preempted"]:
@@ -107,11 +107,6 @@ def train_first_stage(first: Any, workdir: str) -> dict:
 def export_pseudo_labels(first: Any, workdir: str, out_dir: str, use_image_labels: bool) -> dict:
     """Predictions of the first stage's checkpoint in ``workdir`` on its training split, as
     ``out_dir/{pred,crf}/<id>.png`` (+ scores against the ground truth); returns the summary."""
-    from slr_jax import data as data_lib
-    from slr_jax import evaluation
-    from slr_jax.checkpoint import load_model_variables
-    from slr_jax.infer import run_inference
-
     variables = load_model_variables(first.model, workdir)
     first.test.use_image_labels = use_image_labels
     examples = data_lib.eval_dataset(first, split=first.dataset.train_split)

@@ -35,6 +35,7 @@ from flax.training import train_state
 from jax.sharding import Mesh
 
 from slr_jax import checkpoint as checkpoint_lib
+from slr_jax import data as data_lib
 from slr_jax import evaluation, optim, pretrain, resume, summaries
 from slr_jax.errors import Preempted, TrainingError
 from slr_jax.losses import make_objective
@@ -263,8 +264,6 @@ def train_and_evaluate(
     A resumed run must keep the keys that define the network and the data
     (``slr_jax.resume``) unless they are named in ``allow_config_change``.
     """
-    from slr_jax import data as data_lib
-
     workdir = os.fspath(workdir)
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     changes = resume.check_resume(config, workdir, allow_config_change)

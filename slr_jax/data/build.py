@@ -16,6 +16,7 @@ import os
 import sys
 
 from slr_jax import cli
+from slr_jax.data import builders  # noqa: F401  (registers the builders with tfds)
 from slr_jax.data.voc import DataError
 
 BUILDERS = ("voc_sbd", "coco_seg", "synthetic_shapes")
@@ -27,8 +28,6 @@ def prepare(name: str, data_dir: str = "", manual_dir: str = ""):
     """The prepared tfds builder ``name`` ('voc_sbd', 'coco_seg/2014', ...) under ``data_dir``
     (tfds' default when empty), built from ``manual_dir`` first if needed (array_record)."""
     import tensorflow_datasets as tfds
-
-    from slr_jax.data import builders  # noqa: F401  (registers the builders with tfds)
 
     base = name.split("/")[0].split(":")[0]
     if base not in BUILDERS:

@@ -57,7 +57,8 @@ import numpy as np
 from absl import logging
 
 from slr_jax.constants import IGNORE_LABEL
-from slr_jax.data import transforms, voc
+from slr_jax.data import builders, transforms, voc
+from slr_jax.data.build import prepare
 from slr_jax.data.synthetic import (
     INFO_FILE,
     LEGACY_INFO_FILES,
@@ -259,16 +260,12 @@ def _tfds_key(cfg: Any) -> tuple[str, str, str]:
 
 @functools.cache
 def _prepared_builder(name: str, data_dir: str, manual_dir: str):
-    from slr_jax.data.build import prepare
-
     return prepare(name, data_dir, manual_dir)
 
 
 @functools.cache
 def _cached_source(name: str, data_dir: str, manual_dir: str, split: str):
     import tensorflow_datasets as tfds
-
-    from slr_jax.data import builders
 
     builder = _prepared_builder(name, data_dir, manual_dir)
     skip = {key: tfds.decode.SkipDecoding() for key in builders.ENCODED_FEATURES}
@@ -334,8 +331,6 @@ def _tfds_loader(cfg: Any) -> Callable[..., dict[str, Any]]:
     key = _tfds_key(cfg)
 
     def load(example: TfdsExample, num_classes: int, image_labels=None) -> dict[str, Any]:
-        from slr_jax.data import builders
-
         record = builders.decode_record(_cached_source(*key, example.split)[example.index])
         labels = record["labels"]
         if labels.shape != (num_classes - 1,):

@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from slr_jax.constants import IGNORE_LABEL, voc_palette
+from slr_jax.metrics import ConfusionAccumulator
 
 # Version 1 gave every class its own colour; version 2 is the shape + texture set above.
 GENERATOR_VERSION = 2
@@ -429,8 +430,6 @@ def trivial_baseline_scores(
     float64 (NaN rows for classes absent from train)}, each ``scores`` being
     ``slr_jax.metrics.segmentation_scores`` of the val confusion matrix ('miou', 'iou', ...).
     """
-    from slr_jax.metrics import ConfusionAccumulator
-
     if num_classes < 2:
         raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}.")
     colours, labels = _labelled_pixels(train_examples, num_classes, "train")

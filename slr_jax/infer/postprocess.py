@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from slr_jax.errors import InferenceError
+from slr_jax.infer.crf import dense_crf
 
 CRF_KEYS = (
     "n_iters",
@@ -120,8 +121,6 @@ def labels_from_probabilities(
                 "the dense CRF needs image_uint8, the (H, W, 3) uint8 photograph the CRF's "
                 "bilateral term compares colours in."
             )
-        from slr_jax.infer.crf import dense_crf
-
         # A writable copy: pydensecrf rejects read-only buffers (arrays viewing a PIL image).
         image_uint8 = np.array(image_uint8, dtype=np.uint8, copy=True)
         probs = dense_crf(image_uint8, probs, channels_last=True, **crf_settings(crf))

@@ -43,6 +43,7 @@ from slr_jax.infer.preprocess import (
     example_error,
     example_fields,
 )
+from slr_jax.models import build_model
 
 
 def inference_settings(test_cfg: Any) -> dict[str, Any]:
@@ -125,8 +126,6 @@ class InferenceRun:
         # DeepLab's masks are a plain softmax: no class scores to filter by (as semi_wo_cls).
         self.filter_classes = slrnet and config.model.variant != "semi_wo_cls"
         if apply_fn is None:
-            from slr_jax.models import build_model
-
             model = build_model(config.model)
             if slrnet:
                 model = model.clone(num_iters=int(self.settings["num_iters"]))

@@ -85,7 +85,9 @@ def _run_one(args, seed: int, scales: tuple[float, ...]) -> dict:
             not args.no_grads, args.tie_eps, args.dtype, scales,
         )  # fmt: skip
     if args.steps:
-        from slr_jax.parity import trajectory  # imports this package: loaded on demand
+        # lazy: imported with this package, `python -m slr_jax.parity.trajectory` would make
+        # runpy warn that the module was in sys.modules before it ran as __main__
+        from slr_jax.parity import trajectory
 
         traj = trajectory.run(args.reference_repo, args.setting, args.traj_crop,
                               max(2, args.batch), args.steps, seed, args.traj_width)  # fmt: skip

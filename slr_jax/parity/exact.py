@@ -16,6 +16,7 @@ import os
 import jax
 import numpy as np
 
+from slr_jax.parity import runner
 from slr_jax.parity.inputs import make_inputs
 from slr_jax.parity.jax_side import converted_model
 from slr_jax.parity.reference import build_reference, reference_module
@@ -40,8 +41,6 @@ def run_float64(repo: str, setting: str, crop: int, batch: int, seed: int, with_
 
 def _run_float64(repo: str, setting: str, crop: int, batch: int, seed: int, with_grads: bool):
     import torch
-
-    from slr_jax.parity import runner
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     num_classes = num_classes_of(setting)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from slr_jax import convert
+from slr_jax.optim import param_group_labels
 from slr_jax.parity.report import Row, compare
 from slr_jax.parity.settings import GRAD_TOL
 
@@ -57,8 +58,6 @@ def rounding_tolerances(ref32: dict, ref64: dict) -> dict[str, float]:
 def _trainable_leaves_row(grads, ref_names) -> Row:
     """Whether JAX's trainable leaves (``slr_jax.optim``) are PyTorch's ``requires_grad`` ones
     (canonical ``ref_names``); max_abs and rel count the leaves trainable on one side only."""
-    from slr_jax.optim import param_group_labels
-
     trainable = jax.tree_util.tree_map(
         lambda g, label: np.broadcast_to(label != "frozen", g.shape), grads,
         param_group_labels(grads),
@@ -70,8 +69,6 @@ def _trainable_leaves_row(grads, ref_names) -> Row:
 
 
 def _frozen_grad_norm(grads) -> float:
-    from slr_jax.optim import param_group_labels
-
     labels = param_group_labels(grads)
     sq = jax.tree_util.tree_map(
         lambda g, lab: float(jnp.sum(g * g)) if lab == "frozen" else 0.0, grads, labels

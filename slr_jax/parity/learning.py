@@ -49,10 +49,12 @@ import numpy as np
 
 from slr_jax import checkpoint as checkpoint_lib
 from slr_jax import convert, evaluation, train
+from slr_jax import data as data_lib
 from slr_jax.errors import ConfigError, SlrJaxError
 from slr_jax.models import build_model, variable_shapes
 from slr_jax.parity import reference as reference_lib
 from slr_jax.parity import trajectory
+from slr_jax.sharding import make_mesh
 
 # slr_jax's setting -> the reference module of slr_jax.parity.settings.SETTINGS
 REFERENCE_MODULE = {"wsss": "wsss", "semi": "semi", "semi_wo_cls": "semi_wo_cls",
@@ -139,8 +141,6 @@ def reference_kwargs(config) -> dict:
 def schedule_of(config) -> tuple[dict, int, int]:
     """``(hparams, steps_per_epoch, total_steps)`` of ``config`` for the reference's trainer
     (``trajectory.run_reference``), from ``train.plan_steps`` as slr_jax plans its run."""
-    from slr_jax import data as data_lib
-
     plan = train.plan_steps(config.train, data_lib.num_train_examples(config))
     t = config.train
     coeff = (1.0,) if config.loss.objective == "supervised" else tuple(config.loss.loss_coeff)
@@ -161,8 +161,6 @@ def schedule_of(config) -> tuple[dict, int, int]:
 def stream_batches(config, steps: int) -> list[dict[str, np.ndarray]]:
     """The first ``steps`` batches of ``config``'s training stream (what
     ``train.train_and_evaluate`` would read from position 0), in NumPy."""
-    from slr_jax import data as data_lib
-
     batches, stream = [], data_lib.train_dataset(config, start_position=0)
     try:
         for _ in range(steps):
@@ -176,8 +174,6 @@ def stream_batches(config, steps: int) -> list[dict[str, np.ndarray]]:
 def initial_variables(config, workdir: str) -> tuple[str, dict]:
     """The backbone pretraining of ``config`` (in ``workdir``) and the initial variables of
     ``train.train_and_evaluate`` from it: ``(init_checkpoint, variables)`` in NumPy."""
-    from slr_jax.sharding import make_mesh
-
     init_checkpoint = train._initial_weights(config, workdir, make_mesh())
     plan_lr = lambda step: float(config.train.lr)  # the state's schedule does not enter it
     state = train.create_train_state(

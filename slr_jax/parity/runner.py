@@ -10,7 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from configs import common
 from slr_jax import convert
+from slr_jax import infer as infer_lib
 from slr_jax.parity.grads import (
     _frozen_grad_norm,
     _trainable_leaves_row,
@@ -155,9 +157,6 @@ def _test_rows(net, model, variables, inputs: dict, setting: str, timings: dict)
 
 def _multiscale_rows(net, model, variables, inputs, setting, crop, scales, timings) -> list[Row]:
     """Multi-scale + flip inference of one (non-square) photo, as tools/infer_voc.py."""
-    from configs import common
-    from slr_jax import infer as infer_lib
-
     photo = np.round(255 * inputs["raw_image"][0, :, : max(33, crop * 3 // 4)])
     photo = photo.astype(np.uint8)
     t0 = time.time()

@@ -58,13 +58,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from slr_jax import convert, parity
+from slr_jax import constants, convert
 from slr_jax import train as train_lib
 from slr_jax.losses import make_objective
 from slr_jax.models import build_model, variable_shapes
 from slr_jax.models.backbone import scale_channels
 from slr_jax.models.noise import NOISE
-from slr_jax.parity import ROUNDING_LIMITED, Row, compare
+from slr_jax.parity.inputs import add_labels, make_inputs
+from slr_jax.parity.reference import _nchw, build_reference
+from slr_jax.parity.report import ROUNDING_LIMITED, Row, compare, format_table, make_report
 
 NUM_CLASSES = 21
 LOSS_TOL = 1e-5
@@ -184,9 +186,9 @@ def make_batches(model, variables, setting: str, steps: int, batch: int, crop: i
     test = jax.jit(functools.partial(model.apply, mode="test_two_view"))
     batches = []
     for k in range(steps):
-        inputs = parity.make_inputs(setting, batch, crop, NUM_CLASSES, seed + 1 + k)
+        inputs = make_inputs(setting, batch, crop, NUM_CLASSES, seed + 1 + k)
         peaks = np.max(np.asarray(test(variables, inputs["image"])["masks"]), axis=(1, 2))
-        batches.append(parity.add_labels(inputs, setting, peaks[:, 1:]))
+        batches.append(add_labels(inputs, setting, peaks[:, 1:]))
     return batches
 
 
@@ -319,7 +321,7 @@ def reference_losses(net, setting: str, batch: Mapping, loss_coeff, seg_on: bool
     if setting == "supervised":
         return reference_supervised_losses(net, batch, SUPERVISED_AUX_WEIGHT)
     dtype = next(net.parameters()).dtype
-    nchw = lambda a: parity._nchw(a).to(dtype)
+    nchw = lambda a: _nchw(a).to(dtype)
     x, raw = nchw(batch["image"]), nchw(batch["raw_image"])
     labels = torch.from_numpy(batch["labels"]).to(dtype)
     semi = setting in ("semi", "semi_wo_cls")
@@ -379,7 +381,7 @@ def reference_supervised_losses(net, batch: Mapping, aux_weight: float) -> dict:
         net.aux_head.register_forward_hook(keep_first("aux")),
     ]
     try:
-        net(parity._nchw(batch["image"]).to(dtype))
+        net(_nchw(batch["image"]).to(dtype))
     finally:
         for hook in hooks:
             hook.remove()
@@ -569,8 +571,6 @@ def state_rows(
 # ------------------------------------------------------------------------------ the run
 def jax_float64_available() -> bool:
     """Whether slr_jax's model offers ``model.dtype='float64'``."""
-    from slr_jax import constants
-
     return "float64" in getattr(constants, "COMPUTE_DTYPES", ())
 
 
@@ -578,7 +578,7 @@ def _build(repo: str, setting: str, seed: int, width: float, config):
     """The reference ``Net`` (random weights, ``width``) and the same weights as slr_jax
     variables (NumPy)."""
     with scaled_reference_channels(width, {3, NUM_CLASSES - 1, NUM_CLASSES}):
-        net, _ = parity.build_reference(repo, setting, seed, NUM_CLASSES)
+        net, _ = build_reference(repo, setting, seed, NUM_CLASSES)
     model = build_model(config.model)
     variables = convert.convert_checkpoint(net.state_dict(), variable_shapes(model))
     # Copies: the converted arrays share memory with the reference's tensors, which train in place.
@@ -702,7 +702,7 @@ def run(
         width=width,
         steps_per_epoch=steps_per_epoch,
     )
-    return parity.make_report(meta, rows, timings)
+    return make_report(meta, rows, timings)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -744,7 +744,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(str(e), file=sys.stderr)
         return 2
-    print(parity.format_table(report))
+    print(format_table(report))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
