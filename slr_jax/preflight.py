@@ -28,6 +28,7 @@ does not (or for a config error), 2 for bad flags.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -671,6 +672,20 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def without_persistent_cache(active: bool = True):
+    """JAX's persistent compilation cache off for the block (unless not ``active``): libtpu's
+    compile-only client writes entries that no process can read back ("PjRtCompiler must be
+    constructed with a Client"), so compiling for a named slice never writes to the cache of
+    local runs."""
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", enabled and not active)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+
+
 def run_preflight(
     config: Any,
     tpu: Slice | None,
@@ -687,7 +702,8 @@ def run_preflight(
     target = tpu_target(tpu) if tpu is not None else local_target()
     per_chip, per_host = check_batch(config, target)
     log(f"compiling for {target.name} ({target.chips} chips, {target.hosts} hosts) ...")
-    programs = compile_all(config, target, kinds)
+    with without_persistent_cache(tpu is not None):
+        programs = compile_all(config, target, kinds)
     report: dict[str, Any] = {
         "topology": target.name,
         "chips": target.chips,
@@ -703,7 +719,8 @@ def run_preflight(
     if tpu is not None:
         report["libtpu_topology"] = tpu.topology_name
     if max_batch:
-        report.update(_max_batch(config, tpu, target, per_chip, log))
+        with without_persistent_cache(tpu is not None):
+            report.update(_max_batch(config, tpu, target, per_chip, log))
     report["_reports"], report["_target"] = programs, target
     return report
 
@@ -750,9 +767,7 @@ def _main(argv: list[str]) -> int:
     tpu = parse_slice(_TOPOLOGY.value) if _TOPOLOGY.value else None
     config = main_lib.resolve_config("train")
     validate_config(config, "train")
-    if tpu is None:
-        # libtpu's compile-only client writes cache entries it cannot read back
-        # ("PjRtCompiler must be constructed with a Client"): the cache serves local runs.
+    if tpu is None:  # for a named slice run_preflight compiles without_persistent_cache
         main_lib.enable_compilation_cache(config, _cache_folder())
     report = run_preflight(config, tpu, kinds=_PROGRAMS.value, max_batch=_MAX_BATCH.value)
     programs, target = report.pop("_reports"), report.pop("_target")

@@ -23,6 +23,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import PartitionSpec
 
 from configs import demo
@@ -109,6 +110,22 @@ def test_per_chip_batch_that_cannot_fit_is_refused_with_one_line(tmp_path):
     assert program["temp_bytes"] > report["hbm_bytes_per_chip"]
 
 
+@pytest.fixture
+def private_cache(tmp_path):
+    """Turns JAX's persistent compilation cache on in this test's own folder, as training does
+    (``main.enable_compilation_cache``), and returns the folder; the session's comes back
+    after."""
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    previous = {name: getattr(jax.config, name) for name in names}
+    compilation_cache.reset_cache()
+    try:
+        yield main_lib.enable_compilation_cache(tiny_config(), str(tmp_path))
+    finally:
+        for name, value in previous.items():
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()
+
+
 @pytest.mark.parametrize(
     "topology, chips, hosts, kinds",
     [
@@ -118,13 +135,16 @@ def test_per_chip_batch_that_cannot_fit_is_refused_with_one_line(tmp_path):
         ("v5e:4x4", 16, 4, ("train", "eval")),
     ],
 )
-def test_programs_compile_for_one_and_four_hosts(topology, chips, hosts, kinds):
+def test_programs_compile_for_one_and_four_hosts(topology, chips, hosts, kinds, private_cache):
     """Global batch 2 per chip: each host (one process, as launch/tpu_pod.sh starts them)
-    feeds its contiguous rows of the global batch to its own chips."""
+    feeds its contiguous rows of the global batch to its own chips. The slice's programs stay
+    out of the persistent cache (libtpu's compile-only client cannot read them back)."""
     config = tiny_config(**{"train.batch_size": 2 * chips, "pretrain.steps": 0})
     tpu = preflight.parse_slice(topology)
     report = preflight.run_preflight(config, tpu, kinds=kinds, log=lambda *_: None)
     programs = report.pop("_reports")
+    assert not os.path.isdir(private_cache) or not os.listdir(private_cache)
+    assert jax.config.jax_enable_compilation_cache  # on again for local programs
     per_host = 2 * chips // hosts
     assert (report["chips"], report["hosts"], report["per_host_batch"]) == (chips, hosts, per_host)
     assert report["per_chip_batch"] == 2 and report["fits"] is True
@@ -180,26 +200,15 @@ def test_max_batch_search_ends_between_a_fit_and_a_misfit():
             assert peaks[best] <= limit and peaks[best + 1] > limit
 
 
-def test_second_compilation_hits_the_persistent_cache(tmp_path):
+def test_second_compilation_hits_the_persistent_cache(tmp_path, private_cache):
     """enable_compilation_cache (as training and evaluation use it) on the local CPU: the
     second compilation of the evaluation forward is read from the cache folder. (libtpu's
     compile-only client cannot read such entries back, so TPU preflights do not use it.)"""
-    from jax.experimental.compilation_cache import compilation_cache
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    previous = {name: getattr(jax.config, name) for name in names}
     config = tiny_config()
-    compilation_cache.reset_cache()
-    try:
-        folder = main_lib.enable_compilation_cache(config, str(tmp_path))
-        device = jax.devices()[0]
-        first = preflight.eval_programs(config, device, None)
-        second = preflight.eval_programs(config, device, None)
-    finally:
-        for name, value in previous.items():
-            jax.config.update(name, value)
-        compilation_cache.reset_cache()
-    assert folder == str(tmp_path / "compile_cache") and os.listdir(folder)
+    device = jax.devices()[0]
+    first = preflight.eval_programs(config, device, None)
+    second = preflight.eval_programs(config, device, None)
+    assert private_cache == str(tmp_path / "compile_cache") and os.listdir(private_cache)
     assert first[0].name == second[0].name == "eval_padded_24@1"
     assert (first[0].cache_hit, second[0].cache_hit) == (False, True)
     assert first[0].code_bytes == second[0].code_bytes and np.isfinite(first[0].flops)
