@@ -704,6 +704,7 @@ def run_preflight(
     log(f"compiling for {target.name} ({target.chips} chips, {target.hosts} hosts) ...")
     with without_persistent_cache(tpu is not None):
         programs = compile_all(config, target, kinds)
+        search = _max_batch(config, tpu, target, per_chip, log) if max_batch else {}
     report: dict[str, Any] = {
         "topology": target.name,
         "chips": target.chips,
@@ -718,9 +719,7 @@ def run_preflight(
     }
     if tpu is not None:
         report["libtpu_topology"] = tpu.topology_name
-    if max_batch:
-        with without_persistent_cache(tpu is not None):
-            report.update(_max_batch(config, tpu, target, per_chip, log))
+    report.update(search)
     report["_reports"], report["_target"] = programs, target
     return report
 

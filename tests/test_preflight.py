@@ -200,6 +200,34 @@ def test_max_batch_search_ends_between_a_fit_and_a_misfit():
             assert peaks[best] <= limit and peaks[best + 1] > limit
 
 
+def test_max_batch_searches_the_one_host_slice_of_the_generation(monkeypatch):
+    """``--max-batch`` for v5e 4x4 compiles its probes on v5e 2x2 (the per-chip memory of the
+    data-parallel step is the same), with the persistent cache off, and reports the largest
+    per-chip batch that fits with every probe's peak. The train step's compile is replaced by
+    a known memory curve (1 GiB + 1.5 GiB per image; test_programs_compile_for_one_and_four_hosts
+    compiles the real one): 10 images fit in 16 GiB, 11 do not."""
+    calls = []
+
+    def known_curve(config, mesh, hbm_bytes):
+        per_chip = int(config.train.batch_size) // mesh.size
+        calls.append((mesh.size, per_chip, jax.config.jax_enable_compilation_cache))
+        temp = per_chip * 3 * GIB // 2
+        return preflight.ProgramReport(
+            "train_step", "train", 1.0, GIB, temp, GIB, GIB, 0, 1.0, {}, False, hbm_bytes
+        )
+
+    monkeypatch.setattr(preflight, "train_program", known_curve)
+    config = tiny_config(**{"train.batch_size": 32, "pretrain.steps": 0})
+    tpu = preflight.parse_slice("v5e:4x4")
+    report = preflight.run_preflight(config, tpu, kinds=(), max_batch=True, log=lambda *_: None)
+    assert report["max_batch_per_chip"] == 10 and report["programs"] == []
+    probe = report["max_batch_probe"]
+    assert probe["topology"] == "v5e:2x2"
+    assert probe["peak_bytes"]["10"] == 16 * GIB and probe["peak_bytes"]["11"] > 16 * GIB
+    assert calls[0] == (4, 2, False) and all(c[0] == 4 and not c[2] for c in calls)
+    assert jax.config.jax_enable_compilation_cache  # on again afterwards
+
+
 def test_second_compilation_hits_the_persistent_cache(tmp_path, private_cache):
     """enable_compilation_cache (as training and evaluation use it) on the local CPU: the
     second compilation of the evaluation forward is read from the cache folder. (libtpu's
