@@ -9,6 +9,12 @@ did. The cache (``$SLR_JAX_TEST_XLA_CACHE``, default ``.pytest_cache/d/jax_compi
 Tests that compare against the official PyTorch code read its checkout from the environment
 variable ``SLR_REFERENCE_REPO`` (a clone of github.com/DesertsP/SLRNet) and are skipped, with
 the reason, when it is unset or lacks the files they need.
+
+XLA:CPU compiles the suite's programs with LLVM at -O0 (``TEST_XLA_FLAGS``, also passed to the
+tests' subprocesses through ``cpu_env``): LLVM's optimisation passes are a third or more of
+each compile, and the tests run each program for a few small steps, so the slower generated
+code costs less than it saves. The optimisation level changes how fast the code runs, not what
+it computes, and every program a test compares runs under the same flags.
 """
 
 import os
@@ -17,6 +23,8 @@ import pathlib
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -46,6 +54,18 @@ def xla_cache_dir() -> str | None:
     """The session's persistent compilation cache folder (None when turned off)."""
     folder = os.environ.get(CACHE_ENV, "")
     return folder if folder and folder.lower() != "none" else None
+
+
+@pytest.fixture(scope="session")
+def cpu_env():
+    """``cpu_env(devices)`` -> this process's environment for a JAX subprocess on the CPU with
+    ``devices`` host devices (the suite's XLA flags kept)."""
+
+    def env(devices: int) -> dict[str, str]:
+        flags = f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}"
+        return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags)
+
+    return env
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ counts, on test_train.py's tiny config.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_same_numbers_on_one_two_and_four_devices(tmp_path):
+def test_same_numbers_on_one_two_and_four_devices(tmp_path, cpu_env):
     """Global-array semantics: the training forward (dropout and gate draws, head BatchNorm
     statistics over the global batch, every loss term) is the same on 1-, 2- and 4-device
     meshes. Only the forward+loss is compiled here (the full step takes minutes on XLA:CPU)."""
@@ -66,8 +65,7 @@ def test_same_numbers_on_one_two_and_four_devices(tmp_path):
             np.testing.assert_allclose(m1, m2, rtol=1e-4, atol=1e-5)
         """
     )
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    env["JAX_PLATFORMS"] = "cpu"
+    env = cpu_env(4)
     proc = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900
     )
@@ -106,14 +104,13 @@ if jax.process_index() == 0:
 """
 
 
-def test_two_processes_see_the_batches_of_one(tmp_path):
+def test_two_processes_see_the_batches_of_one(tmp_path, cpu_env):
     """1 process x 4 devices and 2 processes x 2 devices (jax.distributed on CPU, as
     launch/local_multiprocess.sh runs them) train on the same global batches: each process
     reads its rows of every batch. (The training forward on a given global batch does not
     depend on the device count: test_same_numbers_on_one_two_and_four_devices.)"""
     script = _TOPOLOGY_SCRIPT.format(repo=str(REPO), tests=str(REPO / "tests"), tmp=str(tmp_path))
-    base = dict(os.environ, JAX_PLATFORMS="cpu")
-    one = dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    one = cpu_env(4)
     proc = subprocess.run(
         [sys.executable, "-c", script], env=one, capture_output=True, text=True, timeout=900
     )
@@ -122,7 +119,7 @@ def test_two_processes_see_the_batches_of_one(tmp_path):
     with socket.socket() as probe:
         probe.bind(("localhost", 0))
         port = probe.getsockname()[1]
-    two = dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    two = cpu_env(2)
     two.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2")
     procs = [
         subprocess.Popen(

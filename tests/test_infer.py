@@ -880,7 +880,7 @@ def test_run_inference_saves_overlays(tmp_path):
 # ----------------------------------------------------------------------------- devices
 
 
-def test_inference_is_data_parallel_over_local_devices(tmp_path, tiny_model):
+def test_inference_is_data_parallel_over_local_devices(tmp_path, tiny_model, cpu_env):
     """Two (fake CPU) local devices: images alternate between them, in flight together, and
     every saved output equals the one-device run's bit for bit; restart still skips them."""
     model, variables = tiny_model
@@ -920,8 +920,7 @@ def test_inference_is_data_parallel_over_local_devices(tmp_path, tiny_model):
         print("RESULT" + json.dumps(out))
         """
     )
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    env["JAX_PLATFORMS"] = "cpu"
+    env = cpu_env(2)
     proc = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
     )

@@ -494,7 +494,10 @@ def _write_recorder(folder):
 
 def test_local_dry_run(tmp_path):
     args = ["--dry-run", "-n", "3", "--devices-per-process=2", "--port=23456", "--workdir=rel/wd"]
-    result = _bash(LOCAL, *args, "--set=test.scales=(1.0, 0.5, 2)", cwd=tmp_path)
+    result = _bash(
+        LOCAL, *args, "--set=test.scales=(1.0, 0.5, 2)", env={"XLA_FLAGS": "--xla_dump_to=d"},
+        cwd=tmp_path,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stdout.splitlines() if not line.startswith("#")]
     assert shlex.split(lines[0]) == ["cd", str(REPO)]
@@ -506,7 +509,7 @@ def test_local_dry_run(tmp_path):
             "JAX_COORDINATOR_ADDRESS=localhost:23456",
             "JAX_NUM_PROCESSES=3",
             "JAX_PLATFORMS=cpu",
-            "XLA_FLAGS=--xla_force_host_platform_device_count=2",
+            "XLA_FLAGS=--xla_dump_to=d --xla_force_host_platform_device_count=2",  # user's kept
             f"JAX_PROCESS_ID={i}",
         ]
         assert words[6:] == ["python", "-m", "slr_jax.main", "--config=configs/demo.py"] + [
@@ -527,7 +530,7 @@ def test_local_runs_every_process_with_its_id(tmp_path):
     port, workdir = _free_port(), tmp_path / "wd"
     args = ["-n", "3", f"--port={port}", f"--workdir={workdir}", f"--python={sys.executable}"]
     args += ["--module=recorder", "--set=dataset.manual_dir=/my data"]
-    result = _bash(LOCAL, *args, env={"PYTHONPATH": str(mods)})
+    result = _bash(LOCAL, *args, env={"PYTHONPATH": str(mods), "XLA_FLAGS": ""})
     assert result.returncode == 0, result.stderr
     runs = [json.loads((workdir / f"proc_{i}.json").read_text()) for i in range(3)]
     for i, r in enumerate(runs):
@@ -553,7 +556,7 @@ def test_local_failure_stops_the_others(tmp_path):
     )
     start = time.monotonic()
     args = [f"--workdir={tmp_path / 'wd'}", f"--python={sys.executable}", "--module=fails"]
-    result = _bash(LOCAL, *args, env={"PYTHONPATH": str(mods)})
+    result = _bash(LOCAL, *args, env={"PYTHONPATH": str(mods), "XLA_FLAGS": ""})
     assert result.returncode == 3
     assert "process 1 exited with status 3" in result.stderr and "process 1 fails" in result.stderr
     assert time.monotonic() - start < 30  # process 0 was stopped, not waited for
