@@ -8,6 +8,7 @@ compilation cache; the multi-device check compiles only the training forward and
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import json
 import os
@@ -25,6 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from configs import demo  # noqa: E402
 from slr_jax import checkpoint, train  # noqa: E402
+from slr_jax.bench.memory import current_rss  # noqa: E402
 from slr_jax.config import ConfigError, validate_config  # noqa: E402
 
 TOTAL_STEPS = 8  # 2 epochs of 4 steps; the seg loss starts at step 4
@@ -177,8 +179,12 @@ def test_preempted_run_resumes_to_the_same_weights(full_run, tmp_path):
     jax.tree_util.tree_map(np.testing.assert_array_equal, resumed, full)
 
 
-def test_non_finite_loss_stops_with_a_clear_error_and_skips_the_update(tmp_path, compile_cache):
+def test_non_finite_loss_stops_with_a_clear_error_and_skips_the_update(
+    tmp_path, compile_cache, monkeypatch
+):
     config = tiny_config(tmp_path)
+    releases = []  # the loop compiles its step ahead, then hands the compiler's memory back
+    monkeypatch.setattr(train, "release_freed_host_memory", lambda: releases.append(1))
     from slr_jax import data
 
     def poisoned(start):
@@ -197,6 +203,27 @@ def test_non_finite_loss_stops_with_a_clear_error_and_skips_the_update(tmp_path,
     assert result["history"][0]["nonfinite"] == 0.5  # one of the two logged steps skipped
     final = _variables(tmp_path / "w2")
     assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(final))
+    assert len(releases) == 2  # once per run
+
+
+def test_freed_heap_pages_go_back_to_the_os():
+    """What XLA's compiler frees stays resident in glibc's heap while a live block lies above
+    it; ``release_freed_host_memory`` gives those pages back."""
+    libc = ctypes.CDLL(None)
+    if not hasattr(libc, "malloc_trim") or current_rss() is None:
+        pytest.skip("needs glibc's malloc_trim and /proc")
+    libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+    block = 64 << 10  # below glibc's mmap threshold: heap memory
+    *freed, highest = sorted(libc.malloc(block) for _ in range(4096))  # 256 MiB
+    for address in (*freed, highest):
+        ctypes.memset(address, 1, block)
+    for address in freed:  # the live highest block keeps free() from trimming the heap
+        libc.free(address)
+    before = current_rss()
+    train.release_freed_host_memory()
+    returned = before - current_rss()
+    libc.free(highest)
+    assert returned > 128 << 20, f"{returned / 2**20:.0f} MiB returned of 256 MiB freed"
 
 
 def test_unknown_or_invalid_config_is_rejected_before_work():
