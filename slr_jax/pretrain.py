@@ -41,6 +41,7 @@ from slr_jax.losses import multilabel_soft_margin
 from slr_jax.models.backbone import WideResNet38
 from slr_jax.models.resnet import RESNET_LAYERS, ResNet, dilation_for_output_stride
 from slr_jax.sharding import data_sharded, replicated, shard_batch
+from slr_jax.xla_options import compiler_options, mesh_platform
 
 CHECKPOINT_DIR = "pretrained_backbone"
 PROGRESS_DIR = "pretrain_checkpoints"
@@ -187,6 +188,7 @@ def sharded_step(config: Any, model: BackboneClassifier, mesh: Mesh) -> Callable
         in_shardings=(*(state_sharding,) * 3, data, data, state_sharding),
         out_shardings=state_sharding,
         donate_argnums=(0, 1, 2),
+        compiler_options=compiler_options(mesh_platform(mesh), config.model.dtype),
     )
 
 

@@ -49,6 +49,7 @@ from slr_jax.sharding import (
     replicated,
     shard_batch,
 )
+from slr_jax.xla_options import compiler_options, mesh_platform
 
 Batch = Mapping[str, Any]
 
@@ -207,7 +208,7 @@ def compile_train_step(
     config: Any, plan: StepPlan, learning_rate_fn: optax.Schedule, mesh: Mesh, state: TrainState
 ):
     """``jax.jit`` of :func:`train_step` with the state replicated (and donated) and the
-    batch sharded over ``mesh``."""
+    batch sharded over ``mesh``, with slr_jax's compiler options for its platform and dtype."""
     step_fn = functools.partial(
         train_step,
         objective=make_objective(config),
@@ -221,6 +222,7 @@ def compile_train_step(
         in_shardings=(state_sharding, batch_sharding),
         out_shardings=(state_sharding, replicated(mesh)),
         donate_argnums=0,
+        compiler_options=compiler_options(mesh_platform(mesh), config.model.dtype),
     )
 
 

@@ -94,6 +94,12 @@ def test_tiny_run_reports_every_figure(tiny_report):
     own = r["memory"]["slr_jax_train"]
     assert own["kind"] == bench.process_memory.PROCESS_KIND and own["bytes"] > 0, own
     assert own["baseline_bytes"] > own["bytes"] / 100
+    # ... and so does each side's step time alone (no reference here: no ratio).
+    alone = r["train_own_process_times_s"]["slr_jax"]
+    assert len(alone) == 2 and all(t > 0 for t in alone), alone
+    assert r["train_own_process_s"]["slr_jax"] == pytest.approx(sum(alone) / 2)
+    assert r["train_own_process_s"]["reference"] is None
+    assert r["train_own_process_ratio"] is None
     assert r["device"]["jax_backend"] == "cpu" and r["device"]["num_devices"] >= 1
     assert r["versions"]["jax"] == jax.__version__
     assert r["overrides"]["model.width"] == "0.0625"
@@ -161,6 +167,9 @@ def test_against_the_reference(reference_repo, tmp_path, xla_cache):
         r["train_step_s"]["slr_jax"] / r["train_step_s"]["reference"]
     )
     assert r["infer_ratio"] == pytest.approx(r["infer_s"]["slr_jax"] / r["infer_s"]["reference"])
+    alone = r["train_own_process_s"]
+    assert _positive(alone["slr_jax"]) and _positive(alone["reference"]), alone
+    assert r["train_own_process_ratio"] == pytest.approx(alone["slr_jax"] / alone["reference"])
     assert math.isfinite(r["final_loss"]["reference"])
     assert r["memory"]["reference_train"]["kind"]
 

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
+from test_xla_options import ynn_convolutions
 
 from configs import common
 from slr_jax import stage2, train
@@ -160,6 +161,9 @@ def test_deeplab_trainer_learns_a_tiny_synthetic_set():
         state, metrics = step(state, shard_batch(batch, mesh))
         losses.append(float(metrics["total"]))
     assert np.all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0], losses
+    # The step carries slr_jax's CPU compiler options: no convolution runs on YNNPACK.
+    text = step.lower(state, shard_batch(batch, mesh)).compile().as_text()
+    assert " convolution(" in text and ynn_convolutions(text) == 0
 
 
 def test_prepare_uses_complete_labels_and_refuses_a_first_stage_without_weights(

@@ -1,11 +1,15 @@
-"""Peak memory of one side's training step, each side in a process of its own (CPU).
+"""Peak memory and step time of one side's training step, each side in a process of its own
+(CPU).
 
 In one process the two sides cannot be compared by RSS: PyTorch's allocator keeps the memory
 of its first step, so "peak during a call minus RSS before it" reads ~0 for the reference
 after the warm-up, and whatever one side freed the other reuses. Here each side runs alone in a
 fresh interpreter: its RSS is read after the imports and the model (and optimiser state) are
 built, then sampled through the warm-up and timed steps (JAX's compilation included, as a
-user's first step has it); the figure is the peak above that baseline.
+user's first step has it); the figure is the peak above that baseline. Each call is timed too:
+in one process slr_jax's step runs 20-35% slower after a call of the reference's (measured on
+2-core machines, cause not found: not page faults, threads or affinity) while the reference's
+does not, so the step times of each side alone are the comparison a user's run sees.
 
     python -m slr_jax.bench.process_memory --side slr_jax|reference <the bench's flags>
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 from slr_jax.bench.configfile import split_overrides
 from slr_jax.bench.inputs import make_inputs
@@ -43,11 +48,20 @@ def measure_side(argv: list[str]) -> dict:
                              args.torch_threads, args.reference_detect_anomaly)  # fmt: skip
     baseline = current_rss()
     sampler = RssSampler()
+    times = []
     with sampler.measure():
         for _ in range(args.warmup + args.steps):
+            t0 = time.perf_counter()
             side.step()
+            times.append(time.perf_counter() - t0)
         side.finish_training()
-    return {"bytes": sampler.peak_delta, "baseline_bytes": baseline, "kind": PROCESS_KIND}
+    return {
+        "bytes": sampler.peak_delta,
+        "baseline_bytes": baseline,
+        "kind": PROCESS_KIND,
+        "first_s": times[0],
+        "times_s": times[args.warmup :],
+    }
 
 
 def in_own_process(argv: list[str], side: str) -> dict:

@@ -32,12 +32,21 @@ def _versions() -> dict[str, str | None]:
     }
 
 
-def timing_section(train_times: dict, infer_times: dict | None, with_ref: bool) -> dict:
-    """Medians, their ratio slr_jax / reference and every timed call, of both measurements."""
+def timing_section(
+    train_times: dict, infer_times: dict | None, with_ref: bool, own_times: dict | None = None
+) -> dict:
+    """Medians, their ratio slr_jax / reference and every timed call, of both measurements;
+    ``own_times``: the train step of each side alone in its own process (``train_own_*``)."""
     ratio = lambda times: (
-        median(times, "slr_jax") / median(times, "reference") if with_ref and times else None
+        median(times, "slr_jax") / median(times, "reference")
+        if with_ref and times and "reference" in times
+        else None
     )
+    own_times = own_times or {}
     return {
+        "train_own_process_s": {n: median(own_times, n) for n in ("slr_jax", "reference")},
+        "train_own_process_ratio": ratio(own_times),
+        "train_own_process_times_s": {n: t["times_s"] for n, t in own_times.items()},
         "train_step_s": {
             "slr_jax": median(train_times, "slr_jax"),
             "reference": median(train_times, "reference"),
@@ -149,6 +158,7 @@ def format_report(report: dict) -> str:
     ]
     for label, key, ratio in (
         ("train step (median)", "train_step_s", "train_step_ratio"),
+        ("  each in own process", "train_own_process_s", "train_own_process_ratio"),
         ("inference (median)", "infer_s", "infer_ratio"),
     ):
         r = report[ratio]

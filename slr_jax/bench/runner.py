@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import statistics
 import time
 from typing import Any
 
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> dict:
     sides = _make_sides(args, config, inputs, compiler_options)
     ours = sides["slr_jax"]
     device = jax.devices()[0]
-    train_times, memory = _time_training(sides, config, args, device, crop, batch)
+    train_times, own_times, memory = _time_training(sides, config, args, device, crop, batch)
     infer_times = None
     if photo is not None:
         infer_times = _time_inference(sides, photo, config, args, device, infer_size, memory)
@@ -58,7 +59,7 @@ def run(args: argparse.Namespace, overrides: list[tuple[str, str]]) -> dict:
     flops = ours.count_flops()  # after the timed calls: host work, never inside a measurement
     sizes = (crop, batch, infer_size)
     return {
-        **timing_section(train_times, infer_times, with_ref),
+        **timing_section(train_times, infer_times, with_ref, own_times),
         "compile_s": compile_section(ours.timings, train_times, infer_times, with_ref),
         "init_s": {n: s.init_s for n, s in sides.items()},
         "memory": memory,
@@ -137,7 +138,8 @@ def _make_sides(args, config, inputs, compiler_options) -> dict[str, Any]:
 
 
 def _time_training(sides: dict, config, args, device, crop: int, batch: int):
-    """The train step of every side, alternating: ``(times, memory entries)``."""
+    """The train step of every side, alternating, and (CPU, ``--memory process``) each side
+    alone in its own process: ``(times, own-process times, memory entries)``."""
     on_cpu = jax.default_backend() == "cpu"
     samplers = {name: RssSampler() for name in sides}
     print(
@@ -161,11 +163,20 @@ def _time_training(sides: dict, config, args, device, crop: int, batch: int):
         if torch_cuda:
             ref.torch.cuda.reset_peak_memory_stats()
         memory["reference_train"] = _memory_entry(samplers["reference"], peak, TORCH_PEAK_KIND)
+    own_times = {}
     if on_cpu and args.memory == "process":
         for name in sides:
-            print(f"train step memory: {name} alone in its own process", flush=True)
-            memory[f"{name}_train"] = in_own_process(args.argv, name)
-    return train_times, memory
+            print(f"train step memory and time: {name} alone in its own process", flush=True)
+            own = in_own_process(args.argv, name)
+            if own.get("times_s"):
+                times = own.pop("times_s")
+                own_times[name] = {
+                    "first_s": own.pop("first_s"),
+                    "times_s": times,
+                    "median_s": statistics.median(times),
+                }
+            memory[f"{name}_train"] = own
+    return train_times, own_times, memory
 
 
 def _time_inference(sides: dict, photo, config, args, device, infer_size: int, memory: dict):

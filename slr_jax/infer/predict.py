@@ -48,6 +48,7 @@ from slr_jax.infer.preprocess import (
 from slr_jax.models.heads import focal_penalty
 from slr_jax.models.slrnet import SLRNet, padded_region
 from slr_jax.ops.resize import interp_matrix_np  # float64 NumPy weights (cached)
+from slr_jax.xla_options import compiler_options
 
 ApplyFn = Callable[..., Mapping[str, Any]]
 _FORWARD_CACHE: dict[Any, Callable] = {}
@@ -129,15 +130,22 @@ def _network_fn(apply_fn: ApplyFn, mode: str, stride: int = 1, rescore: bool = F
         return jnp.mean(cls, axis=0), masks
 
     try:
-        key = (apply_fn, mode, stride, rescore)
+        key = (apply_fn, mode, stride, rescore, bool(jax.config.jax_enable_x64))
         hash(key)
     except TypeError:
-        return jax.jit(network)
+        return _jit(network)
     if key not in _FORWARD_CACHE:
         if len(_FORWARD_CACHE) > 32:
             _FORWARD_CACHE.clear()
-        _FORWARD_CACHE[key] = jax.jit(network)
+        _FORWARD_CACHE[key] = _jit(network)
     return _FORWARD_CACHE[key]
+
+
+def _jit(network: Callable) -> Callable:
+    """``jax.jit`` with slr_jax's compiler options for the default backend (for float64 under
+    64-bit JAX: the parity tools' exact runs)."""
+    dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+    return jax.jit(network, compiler_options=compiler_options(jax.default_backend(), dtype))
 
 
 def _padded_program(apply_fn: ApplyFn) -> Callable:
@@ -152,11 +160,11 @@ def _padded_program(apply_fn: ApplyFn) -> Callable:
         cls = jnp.mean(outputs["cls"].astype(jnp.float32), axis=0)
         return masks_total + masks, cls_total + cls
 
-    key = (apply_fn, "padded")
+    key = (apply_fn, "padded", bool(jax.config.jax_enable_x64))
     if key not in _FORWARD_CACHE:
         if len(_FORWARD_CACHE) > 32:
             _FORWARD_CACHE.clear()
-        _FORWARD_CACHE[key] = jax.jit(network)
+        _FORWARD_CACHE[key] = _jit(network)
     return _FORWARD_CACHE[key]
 
 
