@@ -27,10 +27,12 @@ Reported besides the medians: their ratio slr_jax / reference (< 1: slr_jax is f
 compile time (first call minus median; for slr_jax also lowering and XLA compilation apart),
 peak memory (device ``memory_stats()`` / ``torch.cuda.max_memory_allocated`` on accelerators;
 on the CPU the process RSS, sampled during each call, peak minus the RSS before the call), the
-step's FLOPs from XLA's cost analysis of the lowered program, the achieved TFLOP/s and, on
-devices whose bf16 dense peak is tabled below, the MFU. ``--pieces`` adds timings of parts
-(backbone forward on both views, forward with every loss term, PAMR; ``backward_and_update`` is
-the step minus the forward with loss) to show where the time goes. Results: docs/benchmarks.md.
+step's FLOPs from XLA's cost analysis of the lowered program, on the CPU each side's step
+time and peak memory alone in a process of its own (``process_memory``), the achieved
+TFLOP/s and, on devices whose bf16 dense peak is tabled below, the MFU. ``--pieces`` adds
+timings of parts (backbone forward on both views, forward with every loss term, PAMR;
+``backward_and_update`` is the step minus the forward with loss) to show where the time goes.
+Results: docs/benchmarks.md.
 
 Modules: ``configfile`` (config file and overrides), ``inputs`` (batch and photograph),
 ``jax_side`` and ``reference_side`` (what each framework runs), ``timing`` (alternating

@@ -6,10 +6,9 @@ of its first step, so "peak during a call minus RSS before it" reads ~0 for the 
 after the warm-up, and whatever one side freed the other reuses. Here each side runs alone in a
 fresh interpreter: its RSS is read after the imports and the model (and optimiser state) are
 built, then sampled through the warm-up and timed steps (JAX's compilation included, as a
-user's first step has it); the figure is the peak above that baseline. Each call is timed too:
-in one process slr_jax's step runs 20-35% slower after a call of the reference's (measured on
-2-core machines, cause not found: not page faults, threads or affinity) while the reference's
-does not, so the step times of each side alone are the comparison a user's run sees.
+user's first step has it); the figure is the peak above that baseline. Each call is timed too,
+so that each side's step time alone stands beside the alternating calls' (two frameworks'
+thread pools and allocators in one process can slow one side down).
 
     python -m slr_jax.bench.process_memory --side slr_jax|reference <the bench's flags>
 
