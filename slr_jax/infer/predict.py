@@ -129,23 +129,25 @@ def _network_fn(apply_fn: ApplyFn, mode: str, stride: int = 1, rescore: bool = F
             cls = outputs["cls"].astype(jnp.float32)
         return jnp.mean(cls, axis=0), masks
 
+    return _cached_jit((apply_fn, mode, stride, rescore), network)
+
+
+def _cached_jit(key: tuple, network: Callable) -> Callable:
+    """``jax.jit(network)`` with slr_jax's compiler options for the default backend (those of
+    float64 under 64-bit JAX: the parity tools' exact runs), kept in ``_FORWARD_CACHE`` under
+    ``key`` and the 64-bit mode (not kept when ``key`` is unhashable)."""
+    x64 = bool(jax.config.jax_enable_x64)
+    options = compiler_options(jax.default_backend(), jnp.float64 if x64 else jnp.float32)
+    key = (*key, x64)
     try:
-        key = (apply_fn, mode, stride, rescore, bool(jax.config.jax_enable_x64))
         hash(key)
     except TypeError:
-        return _jit(network)
+        return jax.jit(network, compiler_options=options)
     if key not in _FORWARD_CACHE:
         if len(_FORWARD_CACHE) > 32:
             _FORWARD_CACHE.clear()
-        _FORWARD_CACHE[key] = _jit(network)
+        _FORWARD_CACHE[key] = jax.jit(network, compiler_options=options)
     return _FORWARD_CACHE[key]
-
-
-def _jit(network: Callable) -> Callable:
-    """``jax.jit`` with slr_jax's compiler options for the default backend (for float64 under
-    64-bit JAX: the parity tools' exact runs)."""
-    dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
-    return jax.jit(network, compiler_options=compiler_options(jax.default_backend(), dtype))
 
 
 def _padded_program(apply_fn: ApplyFn) -> Callable:
@@ -160,12 +162,7 @@ def _padded_program(apply_fn: ApplyFn) -> Callable:
         cls = jnp.mean(outputs["cls"].astype(jnp.float32), axis=0)
         return masks_total + masks, cls_total + cls
 
-    key = (apply_fn, "padded", bool(jax.config.jax_enable_x64))
-    if key not in _FORWARD_CACHE:
-        if len(_FORWARD_CACHE) > 32:
-            _FORWARD_CACHE.clear()
-        _FORWARD_CACHE[key] = _jit(network)
-    return _FORWARD_CACHE[key]
+    return _cached_jit((apply_fn, "padded"), network)
 
 
 _ZEROS: dict[Any, jax.Array] = {}
