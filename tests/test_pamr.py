@@ -118,6 +118,22 @@ def test_pamr_propagation_invariants():
     assert np.max(np.abs(refined - masks)) > 0.1  # it does move the masks
 
 
+def test_pamr_iteration_never_materialises_the_neighbour_stack():
+    """Each iteration is a running weighted sum: no array of the iteration carries the 8*D
+    neighbours as an axis (the (B, H, W, C, 8*D) stack made PAMR 3x slower than the
+    reference on the CPU; docs/benchmarks.md)."""
+    image, masks = random_inputs(*SMALL["shape"], seed=3)
+    p = 8 * len(SMALL["dilations"])
+    jaxpr = jax.make_jaxpr(lambda i, m: pamr(i, m, num_iters=2, dilations=SMALL["dilations"]))(
+        image, masks
+    )
+    (scan,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+    body = scan.params["jaxpr"].jaxpr
+    shapes = [v.aval.shape for e in body.eqns for v in e.outvars]
+    # The test's sizes (B 2, H 9, W 7, C 3, padded 13x11) never equal P = 16.
+    assert shapes and not any(p in s for s in shapes), shapes
+
+
 def test_pamr_flat_image_averages_neighbours_uniformly():
     """A constant image has zero spread: every affinity logit is 0/(1e-8) = 0, so each step is
     the plain mean of the 8*D replicate-padded neighbours."""
